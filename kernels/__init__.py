@@ -1,0 +1,66 @@
+"""Hand-written kernels for the hot paths, each beside its pure-PyTorch reference.
+
+psyche calls the functions below, one per op. Each picks:
+- the Triton kernel when the tensor is on CUDA and triton imports;
+- flash-attn for attention on CUDA (fp16/bf16) when it imports;
+- the PyTorch reference otherwise.
+`PSYCHE_KERNELS=reference` forces the references everywhere; `PSYCHE_KERNELS=triton` forces the Triton
+kernels even on CPU (useful only under `TRITON_INTERPRET=1`, for tests). Nothing here fails to import
+when triton or flash-attn is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from kernels.attention import attention_flash, attention_ref, cu_seqlens_from_doc_ids
+from kernels.rmsnorm import rms_norm_ref
+from kernels.rotary import rotary_ref
+from kernels.swiglu import swiglu_ref
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+
+
+def mode() -> str:
+    """'auto' (default), 'reference' or 'triton'."""
+    m = os.environ.get("PSYCHE_KERNELS", "auto")
+    if m not in ("auto", "reference", "triton"):
+        raise ValueError(f"PSYCHE_KERNELS must be auto, reference or triton, got {m!r}")
+    return m
+
+
+def use_triton(x) -> bool:
+    m = mode()
+    if m == "reference" or not HAS_TRITON:
+        return False
+    return m == "triton" or x.is_cuda
+
+
+def use_flash(q) -> bool:
+    import torch
+
+    return (mode() == "auto" and HAS_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16))
+
+
+def rms_norm(x, weight, eps):
+    return rms_norm_ref(x, weight, eps)
+
+
+def rotary(q, k, cos, sin):
+    return rotary_ref(q, k, cos, sin)
+
+
+def swiglu(gate, up):
+    return swiglu_ref(gate, up)
+
+
+def attention(q, k, v, mask=None, is_causal=False, cu_seqlens=None, max_seqlen=None):
+    if use_flash(q):
+        return attention_flash(q, k, v, mask, is_causal, cu_seqlens, max_seqlen)
+    return attention_ref(q, k, v, mask, is_causal)
+
+
+__all__ = ["attention", "rms_norm", "rotary", "swiglu", "cu_seqlens_from_doc_ids", "use_triton", "mode",
+           "HAS_TRITON", "HAS_FLASH_ATTN"]

@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["psyche", "psyche.*", "kernels", "kernels.*"]),
     py_modules=["train"],
     install_requires=["torch>=2.4", "safetensors", "tokenizers>=0.19", "sentencepiece", "numpy", "click>=8",

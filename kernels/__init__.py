@@ -15,6 +15,7 @@ import importlib.util
 import os
 
 from kernels.attention import attention_flash, attention_ref, cu_seqlens_from_doc_ids
+from kernels.logprobs import token_logprobs_ref
 from kernels.rmsnorm import rms_norm_ref
 from kernels.rotary import rotary_ref
 from kernels.swiglu import swiglu_ref
@@ -56,11 +57,16 @@ def swiglu(gate, up):
     return swiglu_ref(gate, up)
 
 
+def token_logprobs(hidden, weight, targets, temperature: float = 1.0):
+    """hidden (N, C) @ weight (V, C).T -> (log-prob of targets (N,), entropy (N,)), fp32, never (N, V) at once."""
+    return token_logprobs_ref(hidden, weight, targets, temperature)
+
+
 def attention(q, k, v, mask=None, is_causal=False, cu_seqlens=None, max_seqlen=None):
     if use_flash(q):
         return attention_flash(q, k, v, mask, is_causal, cu_seqlens, max_seqlen)
     return attention_ref(q, k, v, mask, is_causal)
 
 
-__all__ = ["attention", "rms_norm", "rotary", "swiglu", "cu_seqlens_from_doc_ids", "use_triton", "mode",
+__all__ = ["attention", "token_logprobs", "rms_norm", "rotary", "swiglu", "cu_seqlens_from_doc_ids", "use_triton", "mode",
            "HAS_TRITON", "HAS_FLASH_ATTN"]

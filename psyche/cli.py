@@ -1,16 +1,55 @@
-"""The `psyche` command: the tools around training (training itself is `python train.py`)."""
+"""The `psyche` command: the tools around training (training itself is `python train.py`).
+
+Subcommands live beside the code they drive and are imported only when invoked, so `psyche --help` stays
+fast and a missing optional dependency only affects its own command.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
+# name -> "module:attribute" of a click command
+COMMANDS = {
+    "init-model": "psyche.cli:init_model",
+    "chat": "psyche.chat:chat",
+    "eval": "psyche.evaluate_cli:eval_cmd",
+    "score": "psyche.evaluate_cli:score_cmd",
+    "serve": "psyche.serve:serve",
+    "data": "psyche.pipeline.cli:data",
+    "plot": "psyche.analysis:plot_cmd",
+    "compare": "psyche.analysis:compare_cmd",
+    "replay": "psyche.analysis:replay_cmd",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(name for name in COMMANDS if self._find(name) is not None)
+
+    def get_command(self, ctx, name):
+        return self._find(name)
+
+    @staticmethod
+    def _find(name):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as e:
+            if e.name and (e.name == module or module.startswith(e.name + ".")):
+                return None  # that tool is not part of this build yet
+            raise
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """psyche: Psyche-R1 in plain PyTorch. Tools for models, evaluation, data and analysis."""
 
 
-@main.command("init-model")
+@click.command("init-model")
 @click.option("--preset", "preset_name", default="tiny", show_default=True, help="Model shape preset.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to write.")
 @click.option("--seed", default=0, show_default=True)

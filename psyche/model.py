@@ -127,7 +127,9 @@ def build_attention(T: int, device, attention_mask=None, doc_ids=None, kv_cache=
     if kv_cache is not None:
         lengths = kv_cache.lengths  # (B,)
         S = kv_cache.visible_len(T)
-        if T == 1 and bool((lengths == lengths[0]).all()) and S == int(lengths[0]) + 1:
+        if kv_cache.empty:
+            return AttnInfo(is_causal=True)  # prefill from slot 0: S == T, plain causal
+        if T == 1 and kv_cache.uniform:
             return AttnInfo()  # one new token per row, same length everywhere: it may see all S keys
         q_slot = lengths[:, None] + torch.arange(T, device=device)  # (B, T)
         mask = torch.arange(S, device=device)[None, None, :] <= q_slot[:, :, None]  # (B, T, S)
@@ -203,6 +205,9 @@ class Qwen2(nn.Module):
         return_hidden: skip lm_head (chunked log-prob code applies it piecewise).
         """
         B, T = input_ids.shape
+        if kv_cache is not None and attention_mask is not None:
+            raise ValueError("with a KV cache, right-pad rows and pass no attention_mask: row b's tokens go to "
+                             "slots lengths[b]..., and pad slots are overwritten by later tokens")
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask, doc_ids, kv_cache)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)

@@ -1,0 +1,181 @@
+"""Rollout sampling with a KV cache, in small functions (prefill, decode_one_token, sample, generate).
+
+What `generate` returns for each completion is what GRPO needs: the sampled token ids, the log-prob of
+each under the distribution it was drawn from, a mask, the length, and whether it ended on a stop token.
+
+Log-prob convention: the reported log-prob is log softmax(logits / temperature)[token], i.e. *after*
+temperature and *before* top-k / top-p / min-p truncation. The trainer recomputes log-probs as a full
+softmax at the same temperature, so this is the quantity whose ratio GRPO takes; with truncation the
+reported value is the log-prob of the untruncated tempered distribution (truncation only decides which
+tokens can be drawn). With temperature 0 (greedy) it is the log-prob at temperature 1.
+
+Randomness: each completion row r has its own seed; at step t it draws one uniform u = hash(seed_r, t)
+and takes the token by inverse CDF. A row's samples therefore do not depend on which other rows share the
+batch, which rows have finished, or the device: G rows of one prompt equal G single-row runs with the
+same row seeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from psyche.kv_cache import KVCache
+
+_MASK64 = (1 << 64) - 1
+
+
+def _i64(c: int) -> int:
+    c &= _MASK64
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _lsr(x, s):  # logical shift right on int64 tensors
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """A counter-based 64-bit hash (wrapping int64 arithmetic)."""
+    z = x + _GOLDEN
+    z = (z ^ _lsr(z, 30)) * _MIX1
+    z = (z ^ _lsr(z, 27)) * _MIX2
+    return z ^ _lsr(z, 31)
+
+
+def row_seeds(seed: int, n_rows: int, device="cpu") -> torch.Tensor:
+    return splitmix64(torch.arange(n_rows, dtype=torch.long, device=device) + _i64(seed * 0x100000001B3))
+
+
+def uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """One U[0, 1) per row for decode step `step`, float64."""
+    h = splitmix64(seeds ^ splitmix64(torch.full_like(seeds, step)))
+    return _lsr(h, 11).double() / float(1 << 53)
+
+
+@dataclass
+class Rollout:
+    """N = len(prompts) * n completions, prompt order, the n samples of a prompt consecutive."""
+
+    tokens: torch.Tensor  # (N, L) completion ids, pad_id after the end
+    logprobs: torch.Tensor  # (N, L) fp32 log-prob of each sampled token (0 where mask is 0)
+    mask: torch.Tensor  # (N, L) bool, True on completion tokens including the stop token
+    lengths: torch.Tensor  # (N,) completion lengths
+    finished: torch.Tensor  # (N,) bool: ended on a stop token (False = truncated at max_new_tokens)
+    prompt_index: torch.Tensor  # (N,) which prompt each row continues
+
+    def texts(self, tokenizer, skip_special_tokens=False) -> list[str]:
+        return [tokenizer.decode(self.tokens[i, : self.lengths[i]].tolist(), skip_special_tokens)
+                for i in range(len(self.lengths))]
+
+
+def sample(logits, u, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """logits (B, V), u (B,) uniforms -> (tokens (B,), logprobs (B,) fp32); see the module docstring."""
+    logits = logits.float()
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+    logp = torch.log_softmax(logits / temperature, dim=-1)  # (B, V): the distribution we report
+    probs = logp.exp()
+    if top_k and top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        probs = torch.where(probs >= kth, probs, 0.0)
+    if min_p > 0:
+        probs = torch.where(probs >= min_p * probs.max(-1, keepdim=True).values, probs, 0.0)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
+        sorted_p = torch.where(before < top_p * sorted_p.sum(-1, keepdim=True), sorted_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    tok = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def prefill(model, cache: KVCache, prompts: list[list[int]]) -> torch.Tensor:
+    """Run right-padded prompts through an empty cache; return each row's last-position logits (B, V)."""
+    device = cache.lengths.device
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    ids = torch.zeros(len(prompts), int(lens.max()), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    hidden = model(ids, kv_cache=cache, return_hidden=True)  # (B, T, C)
+    cache.set_lengths(lens)
+    last = hidden[torch.arange(len(prompts), device=device), lens - 1]  # (B, C)
+    return model.lm_head(last)
+
+
+def decode_one_token(model, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens (B,) -> next-token logits (B, V); writes them into the cache."""
+    logits = model(tokens[:, None], kv_cache=cache)[:, -1]
+    cache.advance(1)
+    return logits
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, stop_token_ids=None, seed: int = 0,
+             pad_id: int = 0, seeds: torch.Tensor | None = None, compact_below: float = 0.75,
+             on_token=None) -> Rollout:
+    """Sample n completions for each prompt (lists of token ids, any lengths).
+
+    stop_token_ids: a row ends when it emits any of them (the stop token is kept in the completion).
+    seeds: optional (N,) int64 per-row seeds overriding the ones derived from `seed`.
+    compact_below: when fewer than this fraction of the cache's rows are still running, finished rows are
+        dropped from the cache so they stop costing compute.
+    on_token: optional callback(step, row_ids (B,), tokens (B,)) after each sampling step (for streaming).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    device = model.lm_head.weight.device
+    P, N = len(prompts), len(prompts) * n
+    stop = torch.tensor(sorted(set(stop_token_ids or [])), dtype=torch.long, device=device)
+    seeds = row_seeds(seed, N, device) if seeds is None else seeds.to(device)
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"max_position_embeddings ({model.config.max_position_embeddings})")
+
+    small = KVCache.for_model(model, P, longest)
+    logits = prefill(model, small, prompts).repeat_interleave(n, dim=0)  # (N, V)
+    cache = KVCache.for_model(model, N, longest + max_new_tokens)
+    cache.fork_from(small, n)
+    del small
+
+    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
+    lengths = torch.zeros(N, dtype=torch.long, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    rows = torch.arange(N, device=device)  # (B,) the completion each cache row belongs to
+    alive = torch.ones(N, dtype=torch.bool, device=device)  # (B,) cache rows still generating
+    for t in range(max_new_tokens):
+        live = alive.nonzero().squeeze(-1)
+        r = rows[live]
+        tok, lp = sample(logits[live], uniforms(seeds[r], t), temperature, top_k, top_p, min_p)
+        tokens[r, t], logprobs[r, t], lengths[r] = tok, lp, t + 1
+        if on_token is not None:
+            on_token(t, r, tok)
+        if len(stop):
+            done = torch.isin(tok, stop)
+            finished[r] = done
+            alive[live[done]] = False
+        n_alive = int(alive.sum())
+        if t == max_new_tokens - 1 or n_alive == 0:
+            break
+        step_tok = torch.full_like(rows, pad_id)
+        step_tok[live] = tok
+        if n_alive < compact_below * len(rows):  # drop finished rows: they stop costing compute
+            keep = alive.nonzero().squeeze(-1)
+            cache.keep(keep)
+            rows, alive, step_tok = rows[keep], alive[keep], step_tok[keep]
+        # finished rows not yet compacted away are fed a pad token; their outputs are never read
+        logits = decode_one_token(model, cache, step_tok)
+    L = int(lengths.max())
+    mask = torch.arange(max_new_tokens, device=device)[None, :] < lengths[:, None]
+    return Rollout(tokens=tokens[:, :L].masked_fill(~mask[:, :L], pad_id), logprobs=(logprobs * mask)[:, :L],
+                   mask=mask[:, :L], lengths=lengths, finished=finished,
+                   prompt_index=torch.arange(P, device=device).repeat_interleave(n))

@@ -1,0 +1,145 @@
+"""KV-cache sampler: parity with transformers, cache vs recompute, reported log-probs, seeds, stops."""
+
+import pytest
+import torch
+
+from helpers import hf_model, psyche_from_hf, tiny_config
+from psyche.kv_cache import KVCache
+from psyche.model import build_model
+from psyche.sampler import generate, sample, uniforms, row_seeds
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11], [40]]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    cfg = tiny_config(n_head=4, n_kv=2, vocab=96)
+    hf = hf_model(cfg, seed=7)
+    return hf, psyche_from_hf(hf, cfg)
+
+
+def test_greedy_equals_transformers_ragged_batch(pair):
+    hf, m = pair
+    r = generate(m, PROMPTS, max_new_tokens=16, temperature=0)
+    T = max(len(p) for p in PROMPTS)
+    ids = torch.zeros(len(PROMPTS), T, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, p in enumerate(PROMPTS):  # transformers wants left padding for batched generation
+        ids[i, T - len(p):], att[i, T - len(p):] = torch.tensor(p), 1
+    out = hf.generate(ids, attention_mask=att, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                      eos_token_id=None)[:, T:]
+    assert torch.equal(out, r.tokens)
+    for i, p in enumerate(PROMPTS):  # and each prompt alone
+        one = hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert one[0, len(p):].tolist() == r.tokens[i].tolist()
+
+
+def test_cached_decode_equals_recompute(pair):
+    _, m = pair
+    cache = KVCache.for_model(m, len(PROMPTS), 40)
+    from psyche.sampler import decode_one_token, prefill
+
+    seqs = [list(p) for p in PROMPTS]
+    with torch.no_grad():
+        logits = prefill(m, cache, PROMPTS)
+        for step in range(8):
+            for i, s in enumerate(seqs):  # the same logits from a full forward without cache
+                full = m(torch.tensor([s]))[0, -1]
+                torch.testing.assert_close(logits[i], full, atol=1e-4, rtol=0, msg=f"step {step} row {i}")
+            tok = torch.randint(0, 96, (len(seqs),), generator=torch.Generator().manual_seed(step))
+            for i in range(len(seqs)):
+                seqs[i].append(int(tok[i]))
+            logits = decode_one_token(m, cache, tok)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.6])
+@pytest.mark.parametrize("trunc", [{}, {"top_k": 20}, {"top_p": 0.9}, {"min_p": 0.05}])
+def test_reported_logprobs_equal_recomputed(pair, temperature, trunc):
+    _, m = pair
+    r = generate(m, PROMPTS, n=2, max_new_tokens=10, temperature=temperature, stop_token_ids=[1, 2],
+                 seed=3, **trunc)
+    for i in range(len(r.lengths)):
+        p = PROMPTS[int(r.prompt_index[i])]
+        comp = r.tokens[i, : r.lengths[i]]
+        seq = torch.tensor(p + comp.tolist())[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(m(seq)[0].float() / temperature, -1)
+        # the logit at position t predicts token t+1
+        want = logp[len(p) - 1: len(p) - 1 + len(comp)].gather(-1, comp[:, None]).squeeze(-1)
+        torch.testing.assert_close(r.logprobs[i, : r.lengths[i]], want, atol=1e-4, rtol=0)
+        assert (r.logprobs[i, r.lengths[i]:] == 0).all()
+
+
+def test_group_fork_equals_separate_runs(pair):
+    _, m = pair
+    G = 4
+    seeds = row_seeds(11, G)
+    grouped = generate(m, [PROMPTS[0]], n=G, max_new_tokens=12, temperature=1.0, seeds=seeds, stop_token_ids=[1])
+    for j in range(G):
+        single = generate(m, [PROMPTS[0]], n=1, max_new_tokens=12, temperature=1.0, seeds=seeds[j:j + 1],
+                          stop_token_ids=[1])
+        L = int(single.lengths[0])
+        assert grouped.tokens[j, :L].tolist() == single.tokens[0, :L].tolist()
+        torch.testing.assert_close(grouped.logprobs[j, :L], single.logprobs[0, :L], atol=1e-5, rtol=0)
+    assert len({tuple(grouped.tokens[j].tolist()) for j in range(G)}) > 1, "group rows must differ"
+
+
+def test_deterministic_and_independent_of_compaction(pair):
+    _, m = pair
+    kw = dict(n=3, max_new_tokens=15, temperature=1.3, stop_token_ids=[1, 2, 3, 4, 5, 6], seed=5)
+    a = generate(m, PROMPTS, compact_below=0.0, **kw)  # never compact
+    b = generate(m, PROMPTS, compact_below=1.01, **kw)  # compact as soon as one row ends
+    c = generate(m, PROMPTS, **kw)
+    assert a.finished.any() and (~a.finished).any()
+    for x in (b, c):
+        assert torch.equal(a.tokens, x.tokens) and torch.equal(a.lengths, x.lengths)
+        torch.testing.assert_close(a.logprobs, x.logprobs, atol=1e-5, rtol=0)
+    d = generate(m, PROMPTS, **{**kw, "seed": 6})
+    assert not torch.equal(a.tokens, d.tokens)
+
+
+def test_stop_token_kept_and_pad_equal_to_stop():
+    cfg = tiny_config(vocab=32)
+    m = build_model(cfg, seed=2).eval()
+    stop = 7
+    r = generate(m, [[1, 2, 3]], n=16, max_new_tokens=30, temperature=1.5, stop_token_ids=[stop], pad_id=stop,
+                 seed=0)
+    assert r.finished.any(), "with vocab 32 and 30 steps some row must hit the stop id"
+    for i in range(16):
+        L = int(r.lengths[i])
+        assert r.mask[i, :L].all() and not r.mask[i, L:].any()
+        if r.finished[i]:
+            assert r.tokens[i, L - 1] == stop and stop not in r.tokens[i, : L - 1].tolist()
+            assert r.logprobs[i, L - 1] < 0  # the stop token carries its log-prob (and so its gradient)
+        else:
+            assert L == 30 and stop not in r.tokens[i].tolist()
+
+
+def test_sample_frequencies_match_distribution():
+    """Inverse-CDF sampling with hashed uniforms draws from softmax(logits / T)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).expand(20000, 5)
+    u = uniforms(row_seeds(0, 20000), 0)
+    tok, lp = sample(logits, u, temperature=0.8)
+    freq = torch.bincount(tok, minlength=5).double() / 20000
+    want = torch.softmax(logits[0] / 0.8, -1).double()
+    assert (freq - want).abs().max() < 0.015
+    torch.testing.assert_close(lp, torch.log_softmax(logits / 0.8, -1).gather(-1, tok[:, None]).squeeze(-1))
+
+
+def test_truncation_restricts_support():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).expand(4000, 5)
+    u = uniforms(row_seeds(1, 4000), 0)
+    assert set(sample(logits, u, top_k=2)[0].tolist()) == {0, 1}
+    p = torch.softmax(logits[0], -1)  # 0.636, 0.234, 0.086, ...: top_p 0.8 keeps the first two
+    assert set(sample(logits, u, top_p=0.8)[0].tolist()) == {0, 1}
+    assert set(sample(logits, u, min_p=0.3)[0].tolist()) == {0, 1}  # 0.086 / 0.636 < 0.3
+    assert p[1] / p[0] > 0.3
+    assert torch.equal(sample(logits, u, temperature=0)[0], torch.zeros(4000, dtype=torch.long))
+
+
+def test_errors(pair):
+    _, m = pair
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(m, [[1], []])
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(m, [[1, 2]], max_new_tokens=10_000)

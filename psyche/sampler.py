@@ -155,7 +155,8 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
     for t in range(max_new_tokens):
         live = alive.nonzero().squeeze(-1)
         r = rows[live]
-        tok, lp = sample(logits[live], uniforms(seeds[r], t), temperature, top_k, top_p, min_p)
+        u = uniforms(seeds[r], t) if temperature > 0 else None  # greedy draws nothing
+        tok, lp = sample(logits[live], u, temperature, top_k, top_p, min_p)
         tokens[r, t], logprobs[r, t], lengths[r] = tok, lp, t + 1
         if on_token is not None:
             on_token(t, r, tok)

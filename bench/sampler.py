@@ -1,0 +1,136 @@
+"""Sampler throughput: psyche's KV-cache sampler vs transformers `generate`, same weights, same prompts.
+
+Greedy, the same number of new tokens for every row (no stop tokens), both in this process. Prints tok/s
+for each and the ratio, and psyche's decode step time against the memory-bandwidth bound (the bytes of
+all weights read once per step, divided by a copy bandwidth measured in this run).
+
+    python bench/sampler.py                 # both configurations, CPU (or CUDA when present)
+    python bench/sampler.py --config tiny --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from psyche.config import ModelConfig
+from psyche.model import build_model
+from psyche.sampler import generate
+
+CONFIGS = {
+    # overhead-bound: every kernel is tiny, Python and launch costs dominate
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True),
+    # bandwidth-bound: Qwen2.5-0.5B shapes with 4 layers; the 151,936-row tied embedding dominates
+    "0.5b-4l": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=4, num_attention_heads=14,
+                    num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device, dtype, nbytes=256 << 20) -> float:
+    """Bytes per second moved by a large tensor copy (read + write counted)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def timed(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def hf_twin(model, cfg, dtype, device):
+    import transformers
+
+    hf_cfg = transformers.Qwen2Config(**{k: v for k, v in cfg.to_hf_dict().items() if k != "torch_dtype"})
+    hf = transformers.Qwen2ForCausalLM(hf_cfg).to(device=device, dtype=dtype).eval()
+    hf.load_state_dict(model.state_dict(), strict=False)  # tied lm_head comes from the embedding
+    hf.tie_weights()
+    return hf
+
+
+def run(name, device, dtype, batch, prompt_len, new_tokens, repeats):
+    cfg = ModelConfig(**CONFIGS[name], max_position_embeddings=4096, torch_dtype=str(dtype).removeprefix("torch."))
+    model = build_model(cfg, device=device, dtype=dtype, seed=0).eval()
+    hf = hf_twin(model, cfg, dtype, device)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, cfg.vocab_size, (prompt_len - 3 * i,), generator=g).tolist() for i in range(batch)]
+
+    # transformers wants left padding for a ragged batch
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(batch, T, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):], att[i, T - len(p):] = torch.tensor(p), 1
+    ids, att = ids.to(device), att.to(device)
+
+    def ours(k=new_tokens):
+        return generate(model, prompts, max_new_tokens=k, temperature=0)
+
+    def theirs(k=new_tokens):
+        with torch.no_grad():
+            return hf.generate(ids, attention_mask=att, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+
+    same = torch.equal(ours().tokens.cpu(), theirs()[:, T:].cpu())  # also warms both up
+    t_ours, t_hf = timed(ours, device, repeats), timed(theirs, device, repeats)
+    # decode step time: the difference between two lengths removes prefill and setup
+    short = max(2, new_tokens // 4)
+    t_short = timed(lambda: ours(short), device, repeats)
+    step = (t_ours - t_short) / (new_tokens - short)
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied head counted once
+    bw = copy_bandwidth(device, dtype)
+    bound = weight_bytes / bw
+    n_tok = batch * new_tokens
+    print(f"[{name}] {cfg.num_params() / 1e6:.1f}M params, {dtype}, {device.type}, batch {batch}, "
+          f"prompt ~{prompt_len}, {new_tokens} new tokens, greedy outputs identical: {same}")
+    print(f"  psyche        {n_tok / t_ours:10.1f} tok/s  ({t_ours * 1e3:.1f} ms)")
+    print(f"  transformers  {n_tok / t_hf:10.1f} tok/s  ({t_hf * 1e3:.1f} ms)")
+    print(f"  ratio psyche / transformers: {t_hf / t_ours:.2f}x")
+    print(f"  decode step {step * 1e3:.2f} ms; bandwidth bound {bound * 1e3:.2f} ms "
+          f"({weight_bytes / 1e6:.0f} MB of weights at {bw / 1e9:.1f} GB/s copy bandwidth) -> "
+          f"{bound / step:.0%} of the bound")
+    return {"ratio": t_hf / t_ours, "bound_frac": bound / step, "same": same}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", choices=[*CONFIGS, "all"], default="all")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on CUDA by default")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=48)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.manual_seed(0)
+    for name in CONFIGS if args.config == "all" else [args.config]:
+        run(name, device, dtype, args.batch, args.prompt_len, args.new_tokens, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

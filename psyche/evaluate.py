@@ -329,7 +329,10 @@ def score_cpsyexam(items: list[Item], responses: dict[str, str]) -> dict:
         for key in ((it.category, it.qtype), (it.category,), ()):
             total[key] += 1
             right[key] += pred == it.answer
-    pct = lambda k: 100.0 * right[k] / total[k] if total[k] else None  # noqa: E731
+
+    def pct(key):
+        return 100.0 * right[key] / total[key] if total[key] else None
+
     r = {f"{c}_{'mcqa' if q == 'single' else 'mrqa'}": pct((c, q)) for c, q, _ in CPSY_GROUPS}
     r.update(kg_avg=pct(("kg",)), ca_avg=pct(("ca",)), avg=pct(()), missing=missing, n_scored=total[()])
     r["letter_rule"] = accuracy_summary(items, responses)

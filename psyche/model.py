@@ -195,14 +195,18 @@ class Qwen2(nn.Module):
         return self
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, doc_ids=None, kv_cache=None,
-                return_hidden=False):
-        """input_ids (B, T) -> logits (B, T, V) in the parameter dtype, or final hidden (B, T, C).
+                return_hidden=False, targets=None, temperature: float = 1.0):
+        """input_ids (B, T) -> logits (B, T, V) in the parameter dtype, or final hidden (B, T, C), or per-token
+        (log-prob, entropy) when `targets` is given.
 
         attention_mask: (B, T) 1 for real tokens, 0 for padding (left or right).
         doc_ids: (B, T) packed-sample index; attention and default positions restart per sample.
         kv_cache: a psyche.kv_cache.KVCache; new keys/values are written at each row's length. The caller
             advances the cache's lengths afterwards.
-        return_hidden: skip lm_head (chunked log-prob code applies it piecewise).
+        return_hidden: skip lm_head.
+        targets: (B, T) the token each position must predict (usually input_ids shifted left), < 0 to ignore.
+            Returns (logp, entropy), both (B, T) fp32 and 0 at ignored positions, of softmax(logits / temperature):
+            only the selected positions go through lm_head, in chunks, so (B, T, V) logits never exist.
         """
         B, T = input_ids.shape
         if kv_cache is not None and attention_mask is not None:
@@ -216,6 +220,11 @@ class Qwen2(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, attn, kv_cache)
         x = self.model.norm(x)
+        if targets is not None:
+            rows, cols = (targets >= 0).nonzero(as_tuple=True)  # (n,) the positions that carry a target
+            lp, ent = kernels.token_logprobs(x[rows, cols], self.lm_head.weight, targets[rows, cols], temperature)
+            zeros = torch.zeros(B, T, dtype=torch.float32, device=x.device)
+            return zeros.index_put((rows, cols), lp), zeros.index_put((rows, cols), ent)
         if return_hidden:
             return x
         return self.lm_head(x)  # (B, T, V)

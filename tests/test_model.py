@@ -74,3 +74,20 @@ def test_param_count_matches_presets():
     assert abs(preset("qwen2.5-0.5b").num_params() - 0.4940e9) < 1e6
     m = build_model(preset("tiny"))
     assert sum(p.numel() for p in m.parameters()) == preset("tiny").num_params()
+
+
+def test_targets_give_logprobs_and_entropy_of_the_logits():
+    cfg = tiny_config()
+    m = build_model(cfg, seed=5)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    targets = torch.full_like(ids, -1)
+    targets[:, :-1] = ids[:, 1:]  # the logit at t predicts token t+1
+    targets[0, :3] = -1  # e.g. prompt tokens carry no target
+    lp, ent = m(ids, targets=targets, temperature=0.7)
+    full = torch.log_softmax(m(ids).float() / 0.7, -1)
+    sel = targets >= 0
+    torch.testing.assert_close(lp[sel], full.gather(-1, targets.clamp(min=0)[..., None])[..., 0][sel])
+    torch.testing.assert_close(ent[sel], -(full.exp() * full).sum(-1)[sel])
+    assert (lp[~sel] == 0).all() and (ent[~sel] == 0).all()
+    (lp.sum() + ent.sum()).backward()  # differentiable through both
+    assert m.lm_head.weight.grad is not None and m.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0

@@ -1,11 +1,19 @@
-"""Model configuration. Field names mirror Hugging Face `config.json` for Qwen2 so that a checkpoint's
-config reads straight into `ModelConfig` and writes back out unchanged."""
+"""Configuration.
+
+- `ModelConfig`: field names mirror Hugging Face `config.json` for Qwen2 so that a checkpoint's config reads
+  straight into it and writes back out unchanged; `preset(name)` gives the Qwen2.5 shapes and a tiny one.
+- `RunConfig`: the run configuration of `train.py`, nested dataclasses (one per TOML section) read from a
+  TOML file and overridden with `--set section.key=value`; see `load_run_config`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -143,3 +151,271 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
     return _preset(**{**PRESETS[name], **overrides})
+
+
+# ============================================================================================================
+# Run configuration: nested dataclasses, read from TOML, overridden with `--set section.key=value`.
+#
+# A section is a dataclass; RunConfig holds one field per section. Adding a stage's settings (e.g. `grpo`) is
+# adding one dataclass and one field to RunConfig. Loading checks every key and type against the dataclasses
+# (and `choices(...)` where a field lists them), so a typo or a wrong type is an error naming the file (or the
+# --set) and the key, never a silent default. Supported field types: bool, int, float, str, list[...], a
+# nested dataclass (a sub-table), and `X | None` (None only as a Python default: TOML has no null).
+# ============================================================================================================
+
+
+def choices(default, *allowed):
+    """A field whose value must be one of `allowed` (checked on load and on --set)."""
+    return field(default=default, metadata={"choices": allowed})
+
+
+@dataclass
+class RunSection:
+    name: str = "psyche"
+    seed: int = 0
+    out: str = "runs/psyche"  # run directory: config.toml, metrics.jsonl, checkpoints/, hf/
+
+
+@dataclass
+class ModelSection:
+    init: str = "preset:tiny"  # HF checkpoint dir, or "preset:NAME": random init + a BPE trained on the data
+    dtype: str = choices("auto", "auto", "float32", "bfloat16")  # compute dtype; auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile each decoder block
+    activation_checkpointing: bool = False  # recompute each decoder block in backward
+
+
+@dataclass
+class DataSection:
+    paths: list[str] = field(default_factory=list)  # JSONL / JSON files, relative to the working directory
+    format: str = choices("auto", "auto", "messages", "alpaca", "sharegpt", "pceb")  # auto: decided per record
+    max_length: int = 2048  # tokens per sample (and per packed row)
+    packing: bool = True  # pack samples into rows (block-diagonal attention); else length-grouped padding
+    truncation: str = choices("drop", "drop", "right")  # drop longer samples | cut the end, keep the prompt
+    system: str = "default"  # system prompt for samples without one; "default": the tokenizer's own
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # applied to matrices only (not to biases and norm weights)
+    warmup_ratio: float = 0.1  # fraction of the total steps
+    warmup_steps: int = 0  # > 0: overrides warmup_ratio
+    schedule: str = choices("cosine", "cosine", "linear", "constant")  # the decay after the linear warm-up
+    min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of lr
+    grad_clip: float = 1.0  # max total gradient norm; 0 disables clipping
+
+
+@dataclass
+class SFTSection:
+    epochs: float = 2.0
+    max_steps: int = 0  # > 0: stop after this many optimizer steps, whatever `epochs` says
+    global_batch: int = 256  # rows per optimizer step, all ranks together (samples, or packed rows)
+    global_batch_tokens: int = 0  # > 0: overrides global_batch with global_batch_tokens // max_length rows
+    micro_batch: int = 4  # rows per forward/backward on one rank; accumulation = global / (micro * ranks)
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 500  # optimizer steps between checkpoints (the last step is always saved); 0: only the last
+    keep_last: int = 2  # older checkpoints are deleted
+    resume: bool = True  # continue from the latest checkpoint in the run directory when there is one
+    export: bool = True  # write an HF-format model to RUN_DIR/hf at the end
+
+
+@dataclass
+class LogSection:
+    every: int = 1  # steps between step lines (metrics.jsonl gets every step)
+    tensorboard: bool = False  # also write TensorBoard scalars to RUN_DIR/tb
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    sft: SFTSection = field(default_factory=SFTSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, where: str):
+    """`value` (from TOML) as type `tp`, or a ConfigError naming `where`, the expected and the given type.
+    An int is accepted where a float is expected; a bool is never an int."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for alt in typing.get_args(tp):
+            if alt is type(None):
+                continue
+            try:
+                return _coerce(value, alt, where)
+            except ConfigError:
+                pass
+    elif origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, list):
+            return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp in (bool, str):
+        if isinstance(value, tp):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        raise ConfigError(f"{where} is a section: expected a table, got {type(value).__name__} {value!r}")
+    else:
+        raise ConfigError(f"{where}: unsupported field type {tp}")
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _set_field(obj, name: str, value, where: str):
+    f = next(f for f in dataclasses.fields(obj) if f.name == name)
+    value = _coerce(value, typing.get_type_hints(type(obj))[name], where)
+    allowed = f.metadata.get("choices")
+    if allowed and value not in allowed:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+    setattr(obj, name, value)
+
+
+def _unknown(name: str, obj, where: str, scope: str):
+    names = [f.name for f in dataclasses.fields(obj)]
+    kind = "section" if all(dataclasses.is_dataclass(getattr(obj, n)) for n in names) else "key"
+    return ConfigError(f"{where}: unknown {kind} {name!r} in {scope}; valid: {', '.join(names)}")
+
+
+def _line_of(lines: list[str], path: str) -> int | None:
+    """Best-effort line number of `a.b.key = ...` (or of the table header `[a.b.key]`) in TOML text."""
+    section, _, key = path.rpartition(".")
+    current = ""
+    for i, line in enumerate(lines, 1):
+        s = line.strip()
+        if s.startswith("["):
+            current = s.strip("[] ")
+            if current == path or current.startswith(path + "."):
+                return i
+        elif current == section and s.split("=", 1)[0].strip().strip('"') == key:
+            return i
+    return None
+
+
+def _fill(obj, d: dict, source: str, lines: list[str], prefix: str = ""):
+    """Set obj's fields (recursively into sections) from a TOML table; errors name `source:line`."""
+    for key, value in d.items():
+        path = prefix + key
+        line = _line_of(lines, path)
+        where = f"{source}:{line}" if line else source
+        if key not in {f.name for f in dataclasses.fields(obj)}:
+            raise _unknown(key, obj, where, prefix.rstrip(".") or "the config")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {path} is a section: expected a table [{path}], "
+                                  f"got {type(value).__name__} {value!r}")
+            _fill(current, value, source, lines, path + ".")
+        else:
+            _set_field(obj, key, value, f"{where}: {path}")
+
+
+def parse_value(text: str):
+    """A --set value as a TOML literal (`3`, `1e-5`, `true`, `"x"`, `[1, 2]`); anything that is not a TOML
+    literal is taken as a bare string (`--set data.format=alpaca`)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(cfg, assignment: str):
+    """Apply one `section.key=value` (any depth) to a config object in place."""
+    where = f"--set {assignment}"
+    if "=" not in assignment:
+        raise ConfigError(f"{where}: expected SECTION.KEY=VALUE")
+    path, text = (s.strip() for s in assignment.split("=", 1))
+    parts = path.split(".")
+    obj = cfg
+    for depth, name in enumerate(parts):
+        if name not in {f.name for f in dataclasses.fields(obj)}:
+            raise _unknown(name, obj, where, ".".join(parts[:depth]) or "the config")
+        current = getattr(obj, name)
+        last = depth == len(parts) - 1
+        if dataclasses.is_dataclass(current) and last:
+            raise ConfigError(f"{where}: {path} is a section; set one of its keys: "
+                              f"{', '.join(f.name for f in dataclasses.fields(current))}")
+        if not dataclasses.is_dataclass(current) and not last:
+            raise ConfigError(f"{where}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+        if last:
+            _set_field(obj, name, parse_value(text), f"{where}: {path}")
+        obj = current
+    return cfg
+
+
+def load_run_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (), cls=None):
+    """Defaults <- TOML file (when given) <- each `--set section.key=value` in order -> a RunConfig (or `cls`)."""
+    cfg = (cls or RunConfig)()
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            d = tomllib.loads(text)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        _fill(cfg, d, str(path), text.splitlines())
+    for o in overrides:
+        apply_override(cfg, o)
+    return cfg
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)  # 1e-05, inf and nan are all valid TOML
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(cfg) -> str:
+    """A config object as TOML text that `load_run_config` reads back to an equal object (None values, which
+    TOML cannot express, are left out and so fall back to their defaults)."""
+    lines: list[str] = []
+
+    def section(obj, prefix):
+        items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+        values = [(k, v) for k, v in items if not dataclasses.is_dataclass(v) and v is not None]
+        if prefix and values:
+            lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values)
+        if values:
+            lines.append("")
+        for k, v in items:
+            if dataclasses.is_dataclass(v):
+                section(v, f"{prefix}.{k}" if prefix else k)
+
+    section(cfg, "")
+    return "\n".join(lines)
+
+
+def config_diff(a, b, prefix: str = "") -> list[str]:
+    """`section.key: old -> new` for every value that differs between two config objects."""
+    out = []
+    for f in dataclasses.fields(a):
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(va):
+            out += config_diff(va, vb, f"{prefix}{f.name}.")
+        elif va != vb:
+            out.append(f"{prefix}{f.name}: {va!r} -> {vb!r}")
+    return out

@@ -210,7 +210,7 @@ def micro_loss(model, b: RolloutBatch, lc: LossConfig, n_tokens: float, n_seqs: 
         loss = loss - lc.entropy_coef * h
     terms["loss"] = float(loss.detach())
     st["n_tokens"] = int(b.mask.sum())
-    st["entropy_sum"] = float((ent * b.mask).sum())
+    st["entropy_sum"] = float((ent.detach() * b.mask).sum())
     return loss * loss_scale, terms, st, lp.detach()
 
 

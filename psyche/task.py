@@ -349,3 +349,17 @@ def token_lengths(items: list[Item], tokenizer) -> dict:
     both = [a + b for a, b in zip(p, t)]
     return {"prompt_mean": sum(p) / len(p), "prompt_max": max(p), "target_mean": sum(t) / len(t),
             "target_max": max(t), "total_mean": sum(both) / len(both), "total_max": max(both)}
+
+
+if __name__ == "__main__":  # python -m psyche.task: one item of each type and the token budget
+    from psyche.tokenizer import train_tokenizer
+
+    train, test = make_splits(0, n_train=400, n_test=400)
+    for kind, group in group_by_type(train).items():
+        print(f"--- {kind} ({group[0].qtype}, gold {group[0].answer})")
+        for m in item_to_sft_messages(group[0]):
+            print(f"[{m['role']}] {m['content']}")
+    for vocab in (512, 1024):
+        tok = train_tokenizer(tokenizer_corpus(0), vocab_size=vocab)
+        stats = token_lengths(test, tok)
+        print(f"vocab {vocab}: " + " | ".join(f"{k} {v:.1f}" for k, v in stats.items()))

@@ -30,21 +30,33 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for the half-split rotary embedding, computed in fp32 for any position ids."""
+    """cos/sin tables for the half-split rotary embedding, computed in fp32 and looked up by position.
 
-    # No buffer: the D/2 frequencies are recomputed each call, always in fp32, so model.to(bf16) or a
-    # meta-device build can never leave them stale or rounded.
+    The table is a plain attribute, not a buffer: it is not in checkpoints, model.to(bf16) cannot round it,
+    FSDP does not shard it, and a meta-device build simply computes it on first use."""
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
+        self._table = None  # (max_pos, D) cos and sin, fp32
 
-    def forward(self, position_ids, dtype):
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=position_ids.device) / self.head_dim
-        inv_freq = 1.0 / (self.theta ** exponent)  # (D/2,)
-        freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+    def _tables(self, n: int, device):
+        t = self._table
+        if t is None or t[0].device != device or t[0].shape[0] < n:
+            n = max(n, 2 * (t[0].shape[0] if t is not None else 0), 256)
+            exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+            inv_freq = 1.0 / (self.theta ** exponent)  # (D/2,)
+            freqs = torch.arange(n, dtype=torch.float32, device=device)[:, None] * inv_freq  # (n, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (n, D)
+            self._table = t = (emb.cos(), emb.sin())
+        return t
+
+    def forward(self, position_ids, dtype, max_pos: int | None = None):
+        """position_ids (B, T) -> cos, sin (B, T, D) in `dtype`. `max_pos` (an upper bound on the ids)
+        avoids a device sync when the caller knows it."""
+        n = max_pos if max_pos is not None else int(position_ids.max()) + 1
+        cos, sin = self._tables(n, position_ids.device)
+        return cos[position_ids].to(dtype), sin[position_ids].to(dtype)
 
 
 class Attention(nn.Module):
@@ -215,7 +227,8 @@ class Qwen2(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask, doc_ids, kv_cache)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, T, D)
+        max_pos = kv_cache.visible_len(T) if kv_cache is not None else None
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype, max_pos)  # (B, T, D)
         attn = build_attention(T, input_ids.device, attention_mask, doc_ids, kv_cache)
         for layer in self.model.layers:
             x = layer(x, cos, sin, attn, kv_cache)

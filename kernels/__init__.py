@@ -2,7 +2,7 @@
 
 psyche calls the functions below, one per op. Each picks:
 - the Triton kernel when the tensor is on CUDA and triton imports;
-- flash-attn for attention on CUDA (fp16/bf16) when it imports;
+- flash-attn for attention on CUDA (fp16/bf16) when it imports (varlen for packed batches);
 - the PyTorch reference otherwise.
 `PSYCHE_KERNELS=reference` forces the references everywhere; `PSYCHE_KERNELS=triton` forces the Triton
 kernels even on CPU (useful only under `TRITON_INTERPRET=1`, for tests). Nothing here fails to import
@@ -14,13 +14,19 @@ from __future__ import annotations
 import importlib.util
 import os
 
+# modules under private names: the public names below are the dispatching functions
+from kernels import _triton
+from kernels import logprobs as _logprobs
+from kernels import rmsnorm as _rmsnorm
+from kernels import rotary as _rotary
+from kernels import swiglu as _swiglu
 from kernels.attention import attention_flash, attention_ref, cu_seqlens_from_doc_ids
-from kernels.logprobs import token_logprobs_ref
+from kernels.logprobs import token_logprobs_naive, token_logprobs_ref
 from kernels.rmsnorm import rms_norm_ref
 from kernels.rotary import rotary_ref
 from kernels.swiglu import swiglu_ref
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_TRITON = _triton.triton is not None
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
 
@@ -42,31 +48,49 @@ def use_triton(x) -> bool:
 def use_flash(q) -> bool:
     import torch
 
-    return (mode() == "auto" and HAS_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16))
+    return (mode() != "reference" and HAS_FLASH_ATTN and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16))
 
 
 def rms_norm(x, weight, eps):
+    """x (..., C), weight (C,) -> (..., C)."""
+    if use_triton(x):
+        return _rmsnorm.rms_norm_triton(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
 
 
 def rotary(q, k, cos, sin):
+    """q (B, H, T, D), k (B, K, T, D), cos/sin (B, T, D) -> rotated q, k."""
+    if use_triton(q) and not (cos.requires_grad or sin.requires_grad):  # the kernel gives cos/sin no grad
+        return _rotary.rotary_triton(q, k, cos, sin)
     return rotary_ref(q, k, cos, sin)
 
 
 def swiglu(gate, up):
+    """silu(gate) * up, same shapes."""
+    if use_triton(gate):
+        return _swiglu.swiglu_triton(gate, up)
     return swiglu_ref(gate, up)
 
 
 def token_logprobs(hidden, weight, targets, temperature: float = 1.0):
-    """hidden (N, C) @ weight (V, C).T -> (log-prob of targets (N,), entropy (N,)), fp32, never (N, V) at once."""
-    return token_logprobs_ref(hidden, weight, targets, temperature)
+    """hidden (..., C) @ weight (V, C).T -> (log-prob of targets (...), entropy (...)), fp32, never holding
+    (N, V) logits; differentiable through both outputs w.r.t. hidden and weight. Targets must be in [0, V)."""
+    lead = hidden.shape[:-1]
+    h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if use_triton(h) and h.shape[0] > 0:
+        logp, ent = _logprobs.token_logprobs_triton(h, weight, y, temperature)
+    else:
+        logp, ent = token_logprobs_ref(h, weight, y, temperature)
+    return logp.view(lead), ent.view(lead)
 
 
 def attention(q, k, v, mask=None, is_causal=False, cu_seqlens=None, max_seqlen=None):
+    """q (B, H, T, D), k/v (B, K, S, D) -> (B, H, T, D); see kernels/attention.py for the mask forms."""
     if use_flash(q):
         return attention_flash(q, k, v, mask, is_causal, cu_seqlens, max_seqlen)
     return attention_ref(q, k, v, mask, is_causal)
 
 
-__all__ = ["attention", "token_logprobs", "rms_norm", "rotary", "swiglu", "cu_seqlens_from_doc_ids", "use_triton", "mode",
-           "HAS_TRITON", "HAS_FLASH_ATTN"]
+__all__ = ["attention", "token_logprobs", "rms_norm", "rotary", "swiglu", "cu_seqlens_from_doc_ids", "use_triton",
+           "use_flash", "mode", "HAS_TRITON", "HAS_FLASH_ATTN", "token_logprobs_naive"]

@@ -1,0 +1,344 @@
+"""Every Triton kernel against its PyTorch reference, forward and backward, on small odd shapes.
+
+Without a GPU the kernels run on CPU tensors under triton's interpreter (`TRITON_INTERPRET=1`, ~4000x
+slower than eager: shapes stay small). Tolerances, per dtype:
+- fp32: atol = rtol = 1e-5. Kernel and reference do the same fp32 arithmetic in a different order
+  (reductions, 1/T multiplied instead of divided); observed differences are ~1e-6.
+- bf16: atol = rtol = 2e-2, about 2.5 bf16 ulps (2**-8 relative per ulp). The kernels upcast, compute in
+  fp32 and round once; the references round to bf16 after every op (e.g. rotary: two products and a sum),
+  and the interpreter rounds to bf16 by truncation. Both add up to ~2 ulps.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+# triton reads TRITON_INTERPRET when @triton.jit runs, i.e. when kernels/ is imported. Set it before that
+# import; on a GPU machine leave it unset so that the same tests run the compiled kernels on CUDA.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import kernels  # noqa: E402
+
+
+def _reimport_if_compiled():
+    """Another test module may have imported kernels/ first, without the interpreter: define the kernels again."""
+    import importlib
+
+    mod = sys.modules["kernels.rmsnorm"]
+    if (kernels.HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+            and type(mod._rms_norm_fwd_kernel).__name__ != "InterpretedFunction"):
+        for name in [n for n in sys.modules if n.startswith("kernels.")]:
+            importlib.reload(sys.modules[name])
+        importlib.reload(kernels)
+
+
+_reimport_if_compiled()
+
+from kernels.logprobs import token_logprobs_naive, token_logprobs_ref  # noqa: E402
+from kernels.rmsnorm import rms_norm_ref  # noqa: E402
+from kernels.rotary import rotary_ref  # noqa: E402
+from kernels.swiglu import swiglu_ref  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed (pip install triton)")
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def triton_mode(monkeypatch):
+    monkeypatch.setenv("PSYCHE_KERNELS", "triton")
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+
+
+def _fwd_bwd(fn, inputs, seed=0):
+    """Outputs of fn(*inputs) and the gradients of a random projection of them w.r.t. every float input."""
+    out = fn(*inputs)
+    out = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    grads = [torch.randn(o.shape, device=o.device, generator=gen).to(o.dtype) for o in out]
+    torch.autograd.backward(out, grads)
+    return [o.detach() for o in out], [x.grad for x in inputs if x.requires_grad]
+
+
+def _assert_same(ref, got, dtype, what):
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{what}[{i}]: {b.dtype}{tuple(b.shape)}"
+        torch.testing.assert_close(b.float(), a.float(), **TOL[dtype], msg=lambda m: f"{what}[{i}]: {m}")
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    return (torch.randn(*shape, device=DEVICE, generator=gen) * scale).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- RMSNorm
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm(dtype):
+    from kernels.rmsnorm import rms_norm_triton
+
+    x, w = _rand(3, 123, 213, dtype=dtype, scale=3.0), (1 + _rand(213, scale=0.5, seed=1)).to(dtype)  # 369 rows
+    ref = _fwd_bwd(lambda x, w: rms_norm_ref(x, w, 1e-6), _leaves(x, w))
+    got = _fwd_bwd(lambda x, w: rms_norm_triton(x, w, 1e-6), _leaves(x, w))
+    _assert_same(ref[0], got[0], dtype, "y")
+    _assert_same(ref[1], got[1], dtype, "dx, dw")
+
+
+@needs_triton
+def test_rms_norm_strided_input_and_frozen_weight():
+    from kernels.rmsnorm import rms_norm_triton
+
+    x = _rand(37, 5, 64).transpose(0, 1)  # (5, 37, 64), rows not contiguous
+    w = 1 + _rand(64, scale=0.5, seed=1)
+    ref = _fwd_bwd(lambda x: rms_norm_ref(x, w, 1e-5), _leaves(x))
+    got = _fwd_bwd(lambda x: rms_norm_triton(x, w, 1e-5), _leaves(x))
+    _assert_same(ref[0] + ref[1], got[0] + got[1], torch.float32, "y, dx")
+
+
+# ---------------------------------------------------------------------------------------------- rotary
+
+
+def _cos_sin(B, T, D, dtype, theta=1e4):
+    pos = torch.randint(0, 300, (B, T), device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(5))
+    inv_freq = 1.0 / theta ** (torch.arange(0, D, 2, device=DEVICE, dtype=torch.float32) / D)
+    emb = torch.cat([pos[..., None].float() * inv_freq] * 2, dim=-1)  # (B, T, D), as psyche's RotaryEmbedding
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,B_cos", [(torch.float32, "per-row"), (torch.bfloat16, "per-row"),
+                                         (torch.float32, "broadcast")])
+def test_rotary(dtype, B_cos):
+    from kernels.rotary import rotary_triton
+
+    B, T, H, K, D = 3, 23, 7, 1, 18  # 7 query heads per kv head (7B's ratio); D/2 = 9, not a power of 2
+    q0, k0 = _rand(B, T, H, D, dtype=dtype), _rand(B, K, T, D, dtype=dtype, seed=1)
+    cos, sin = _cos_sin(B if B_cos == "per-row" else 1, T, D, dtype)
+
+    def run(fn, q0, k0):  # q as the model makes it: a transposed view of (B, T, H, D)
+        return fn(q0.transpose(1, 2), k0, cos, sin)
+
+    ref = _fwd_bwd(lambda q, k: run(rotary_ref, q, k), _leaves(q0, k0))
+    got = _fwd_bwd(lambda q, k: run(rotary_triton, q, k), _leaves(q0, k0))
+    _assert_same(ref[0], got[0], dtype, "q, k")
+    _assert_same(ref[1], got[1], dtype, "dq, dk")
+
+
+# ---------------------------------------------------------------------------------------------- SwiGLU
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu(dtype):
+    from kernels.swiglu import swiglu_triton
+
+    g, u = _rand(3, 423, 213, dtype=dtype, scale=3.0), _rand(3, 423, 213, dtype=dtype, seed=1)
+    ref = _fwd_bwd(swiglu_ref, _leaves(g, u))
+    got = _fwd_bwd(swiglu_triton, _leaves(g, u))
+    _assert_same(ref[0], got[0], dtype, "y")
+    _assert_same(ref[1], got[1], dtype, "dgate, dup")
+
+
+# ---------------------------------------------------------------------------------------------- log-probs
+
+N, V, C = 37, 301, 53  # odd everywhere: partial token blocks, vocab tiles, vocab splits and C steps
+
+
+def _exact(h, w, y, temperature, dtype):
+    """The naive computation in float64: outputs as fp32 (what the kernels return), gradients in `dtype`."""
+    out, grads = _fwd_bwd(lambda h, w: token_logprobs_naive(h, w, y, temperature), _leaves(h.double(), w.double()))
+    return [o.float() for o in out], [g.to(dtype) for g in grads]
+
+
+def _lp_inputs(dtype=torch.float32, n=N):
+    h, w = _rand(n, C, dtype=dtype, scale=1.0), _rand(V, C, dtype=dtype, scale=0.4, seed=1)
+    y = torch.randint(0, V, (n,), device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(2))
+    return h, w, y
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunks", [dict(), dict(chunk_size=8, vocab_chunk=50)])
+def test_token_logprobs_ref_equals_naive(temperature, chunks):
+    """The streaming reference is the naive (N, V) computation, blockwise: forward and backward."""
+    h, w, y = _lp_inputs()
+    ref = _exact(h, w, y, temperature, torch.float32)
+    got = _fwd_bwd(lambda h, w: token_logprobs_ref(h, w, y, temperature, **chunks), _leaves(h, w))
+    _assert_same(ref[0], got[0], torch.float32, "logp, entropy")
+    _assert_same(ref[1], got[1], torch.float32, "dh, dw")
+
+
+@needs_triton
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_triton_fp32(temperature):
+    from kernels.logprobs import token_logprobs_triton
+
+    h, w, y = _lp_inputs()
+    ref = _exact(h, w, y, temperature, torch.float32)
+    got = _fwd_bwd(lambda h, w: token_logprobs_triton(h, w, y, temperature), _leaves(h, w))
+    _assert_same(ref[0], got[0], torch.float32, "logp, entropy")
+    _assert_same(ref[1], got[1], torch.float32, "dh, dw")
+
+
+@needs_triton
+def test_token_logprobs_triton_bf16():
+    """bf16 inputs: the kernel accumulates logits in fp32 and never rounds them, so its log-probs equal the
+    exact computation on the same (bf16) values to fp32 tolerance; the gradients come back in bf16."""
+    from kernels.logprobs import token_logprobs_triton
+
+    h, w, y = _lp_inputs(torch.bfloat16)
+    ref = _exact(h, w, y, 0.7, torch.bfloat16)
+    got = _fwd_bwd(lambda h, w: token_logprobs_triton(h, w, y, 0.7), _leaves(h, w))
+    _assert_same(ref[0], got[0], torch.float32, "logp, entropy")
+    _assert_same(ref[1], got[1], torch.bfloat16, "dh, dw")
+
+
+@needs_triton
+def test_token_logprobs_triton_partial_grads():
+    """Only the log-prob used (entropy's gradient is zero), and a frozen lm_head (no weight grad)."""
+    from kernels.logprobs import token_logprobs_triton
+
+    h, w, y = _lp_inputs()
+    hr, hg = _leaves(h, h)
+    (token_logprobs_naive(hr, w, y)[0] * 1.5).sum().backward()
+    (token_logprobs_triton(hg, w, y)[0] * 1.5).sum().backward()
+    torch.testing.assert_close(hg.grad, hr.grad, **TOL[torch.float32])
+    with torch.no_grad():
+        _assert_same(token_logprobs_naive(h, w, y), token_logprobs_triton(h, w, y), torch.float32, "no grad")
+
+
+def test_token_logprobs_dispatch_shapes(monkeypatch):
+    """(B, T, C) hidden and (B, T) targets in, (B, T) out; zero tokens allowed."""
+    monkeypatch.setenv("PSYCHE_KERNELS", "reference")
+    h, w, y = _lp_inputs()
+    logp, ent = kernels.token_logprobs(h[:36].view(4, 9, C), w, y[:36].view(4, 9))
+    assert logp.shape == ent.shape == (4, 9) and logp.dtype == torch.float32
+    torch.testing.assert_close(logp.flatten(), token_logprobs_naive(h[:36], w, y[:36])[0])
+    assert kernels.token_logprobs(h[:0], w, y[:0])[0].shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@needs_triton
+def test_tiny_model_with_triton_kernels_equals_reference(monkeypatch):
+    """The tiny model's logits, per-token log-probs/entropy (fused lm_head path) and every parameter
+    gradient are the same with PSYCHE_KERNELS=triton as with the references."""
+    from psyche.config import preset
+    from psyche.model import build_model
+
+    cfg = preset("tiny")
+    x = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    gen = torch.Generator().manual_seed(1)
+    g_logits = torch.randn(2, 13, cfg.vocab_size, generator=gen).to(DEVICE) * 1e-2
+    g_lp, g_ent = torch.randn(2, 12, generator=gen).to(DEVICE), torch.randn(2, 12, generator=gen).to(DEVICE)
+
+    def run(mode):
+        monkeypatch.setenv("PSYCHE_KERNELS", mode)
+        m = build_model(cfg, device=DEVICE, seed=0)
+        hidden = m(x, return_hidden=True)  # (B, T, C)
+        logits = m.lm_head(hidden)
+        logp, ent = kernels.token_logprobs(hidden[:, :-1], m.lm_head.weight, x[:, 1:], temperature=0.7)
+        ((logits * g_logits).sum() + (logp * g_lp).sum() + (ent * g_ent).sum()).backward()
+        return [logits.detach(), logp.detach(), ent.detach()], {n: p.grad for n, p in m.named_parameters()}
+
+    out_ref, grads_ref = run("reference")
+    out_tri, grads_tri = run("triton")
+    _assert_same(out_ref, out_tri, torch.float32, "logits, logp, entropy")
+    assert grads_ref.keys() == grads_tri.keys()
+    for name in grads_ref:
+        torch.testing.assert_close(grads_tri[name], grads_ref[name], **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+def test_dispatch_switch(monkeypatch):
+    x = torch.zeros(2, device=DEVICE)
+    monkeypatch.setenv("PSYCHE_KERNELS", "reference")
+    assert not kernels.use_triton(x) and not kernels.use_flash(x.bfloat16())
+    monkeypatch.setenv("PSYCHE_KERNELS", "auto")
+    assert kernels.use_triton(x) == (kernels.HAS_TRITON and x.is_cuda)
+    assert not kernels.use_flash(x.cpu().bfloat16()), "flash-attn is for CUDA tensors only"
+    monkeypatch.setenv("PSYCHE_KERNELS", "triton")
+    assert kernels.use_triton(x.cpu()) == kernels.HAS_TRITON
+    monkeypatch.setenv("PSYCHE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="PSYCHE_KERNELS"):
+        kernels.use_triton(x)
+
+
+def test_everything_imports_and_runs_without_triton_or_flash_attn():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["triton"] = None      # makes `import triton` raise ImportError
+        sys.modules["flash_attn"] = None
+        import os
+        os.environ["PSYCHE_KERNELS"] = "triton"  # asks for Triton: must fall back, not fail
+        import torch, kernels
+        from psyche.config import preset
+        from psyche.model import build_model
+        assert not kernels.HAS_TRITON and not kernels.use_triton(torch.zeros(1))
+        m = build_model(preset("tiny"))
+        x = torch.randint(0, 512, (1, 5))
+        m(x).sum().backward()
+        logp, ent = kernels.token_logprobs(m(x, return_hidden=True), m.lm_head.weight, x)
+        assert logp.shape == (1, 5)
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_cu_seqlens_from_doc_ids():
+    doc = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 2, 2]])
+    cu, max_len = kernels.cu_seqlens_from_doc_ids(doc)
+    assert cu.tolist() == [0, 2, 5, 8, 10] and cu.dtype == torch.int32 and max_len == 3
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+_PEAK = """
+import sys, torch, kernels
+from kernels.logprobs import token_logprobs_naive
+N, C, V = {N}, {C}, 151936
+g = torch.Generator().manual_seed(0)
+h = torch.randn(N, C, generator=g).requires_grad_()
+w = (torch.randn(V, C, generator=g) * 0.02).requires_grad_()
+y = torch.randint(0, V, (N,), generator=g)
+fn = token_logprobs_naive if sys.argv[1] == "naive" else kernels.token_logprobs
+def rss(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":")) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS
+base = rss("VmRSS")
+logp, ent = fn(h, w, y)
+(logp.sum() + 0.1 * ent.sum()).backward()
+print(rss("VmHWM") - base)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS is read from Linux /proc")
+def test_streaming_logprobs_peak_memory_is_an_eighth_of_naive():
+    """Forward + backward at Qwen2.5's V = 151,936, each path in a fresh process: the streaming path's peak
+    resident memory above its inputs (gradients included) is <= 1/8 of the naive (N, V) fp32 path's."""
+    N, C = 512, 64  # naive logits: 297 MiB; C small so that the matmuls take no time
+    env = {**os.environ, "PSYCHE_KERNELS": "reference"}
+    peak = {}
+    for path in ("naive", "streaming"):
+        out = subprocess.run([sys.executable, "-c", _PEAK.format(N=N, C=C), path], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        peak[path] = int(out.stdout.strip().splitlines()[-1])
+    assert peak["naive"] > 2 * N * 151936 * 4, f"naive should hold several (N, V) fp32 tensors: {peak}"
+    assert peak["streaming"] <= peak["naive"] / 8, f"peak bytes {peak}"

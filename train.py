@@ -16,6 +16,23 @@ import click
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory.")
 def main(stage, config_path, overrides, out):
     """Train and evaluate Psyche-R1 style models."""
+    if stage == "sft":
+        import os
+
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        from psyche.config import ConfigError, load_run_config
+        from psyche.data import DataError
+        from psyche.sft import NonFiniteLossError, run_sft
+
+        try:
+            cfg = load_run_config(config_path, list(overrides) + ([f"run.out={_toml_str(out)}"] if out else []))
+            # under torchrun, `record` puts this rank's traceback into the launcher's failure summary
+            (record(run_sft) if "TORCHELASTIC_RUN_ID" in os.environ else run_sft)(cfg)
+        except (ConfigError, DataError, NonFiniteLossError) as e:
+            raise click.ClickException(str(e)) from None
+        return
+
     import tempfile
     from pathlib import Path
 
@@ -34,6 +51,12 @@ def main(stage, config_path, overrides, out):
         for _ in range(8):
             ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
     click.echo(f"greedy sanity check: {ids.shape[1]} tokens, finite logits; decoded tail {tok.decode(ids[0, -8:])!r}")
+
+
+def _toml_str(s: str) -> str:
+    import json
+
+    return json.dumps(s)  # a quoted TOML string, whatever the path holds
 
 
 if __name__ == "__main__":

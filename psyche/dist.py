@@ -142,9 +142,11 @@ def parallelize(model: nn.Module, *, activation_checkpointing: bool = False, com
     fully_shard(model, mp_policy=mp, reshard_after_forward=False)
     # Gradients are reduced as sums, not averages: each rank's loss is already divided by the token count
     # of the whole global batch, so the sum over ranks is the gradient of the global loss.
+    # (A plain SUM: NCCL's PREMUL_SUM, FSDP2's default for a custom factor, does not exist on gloo.)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
     model._psyche_reshard_after_forward = reshard_after_forward
     return model
 

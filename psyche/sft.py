@@ -1,0 +1,280 @@
+"""Supervised fine-tuning: the step and the loop (`python train.py --stage sft`, or under torchrun).
+
+One optimizer step over a global batch of G rows split into micro-batches on R ranks:
+
+    N      = number of target tokens in the whole global batch (all micro-batches, all ranks; all-reduced)
+    loss   = -(1/N) * sum over every target token t of log p(token_t | tokens_<t)
+    grad   = sum over micro-batches and ranks of grad(-sum_mb log p / N)   (FSDP2 reduces by sum)
+
+so gradient accumulation and the number of ranks change nothing but rounding. Then the total gradient norm
+is clipped (over all shards), AdamW steps, and the LR follows linear warm-up then cosine (or linear) decay.
+
+The log-probs come from `model(..., targets=labels)`, which applies lm_head to the target positions only,
+in chunks, and never holds (N, V) fp32 logits. A non-finite loss or gradient norm stops the run before the
+optimizer step, so no checkpoint ever holds the poisoned weights. Resume is automatic from the latest
+checkpoint in the run directory; batches are a pure function of (data, seed, step), so the resumed run
+continues bit for bit (CPU, fp32).
+
+The functions under "building blocks" are shared with the GRPO stage.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from psyche import dist
+from psyche.checkpoint import (export_hf, fault, latest_checkpoint, load_checkpoint, load_full_model_state,
+                               read_safetensors_dir, save_checkpoint)
+from psyche.config import ModelConfig, RunConfig, config_diff, load_run_config, to_toml
+from psyche.data import Batch, SFTBatches, load_messages, tokenize
+from psyche.metrics import MetricsLogger, step_line
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ============================================================================================================
+# building blocks (shared with GRPO)
+# ============================================================================================================
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Compute dtype from the config: auto -> bfloat16 on CUDA, float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def prepare_init(init: str, run_dir: Path, seed: int, texts=None) -> Path:
+    """The HF checkpoint directory to start from. "preset:NAME" makes RUN_DIR/init once (rank 0; a random
+    model and a BPE tokenizer trained on `texts`) and reuses it on resume."""
+    if not init.startswith("preset:"):
+        path = Path(init)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.init = {init!r}: no config.json there (a checkpoint directory, or "
+                                    "'preset:NAME')")
+        return path
+    path = run_dir / "init"
+    if dist.is_main() and not (path / "config.json").is_file():
+        from psyche.weights import init_checkpoint
+
+        init_checkpoint(path, init.removeprefix("preset:"), seed=seed, texts=texts)
+    dist.barrier()
+    return path
+
+
+def build_model_for_training(init_dir: Path, device: torch.device, *, compute_dtype=torch.float32,
+                             activation_checkpointing=False, compile=False) -> nn.Module:
+    """fp32 master weights from `init_dir`, parallelized (psyche.dist.parallelize), on `device`.
+
+    One rank: load, then AC/compile. Several ranks: build on the meta device, fully_shard, materialise only
+    the local shards, and let rank 0 alone read the files and broadcast (no rank holds two full copies).
+    """
+    cfg = ModelConfig.from_dir(init_dir)
+    kw = dict(activation_checkpointing=activation_checkpointing, compile=compile, param_dtype=compute_dtype,
+              reduce_dtype=torch.float32)
+    if dist.get_world_size() == 1:
+        from psyche.weights import load_pretrained
+
+        model, _ = load_pretrained(init_dir, dtype=torch.float32, device=device)
+        return dist.parallelize(model.train(), **kw)
+    from psyche.model import Qwen2
+
+    with torch.device("meta"):
+        model = Qwen2(cfg)
+    dist.parallelize(model, **kw)
+    model.to_empty(device=device)
+    sd = {}
+    if dist.is_main():
+        sd = {k: v.float() for k, v in read_safetensors_dir(init_dir).items()}
+        if cfg.tie_word_embeddings:
+            sd.setdefault("lm_head.weight", sd["model.embed_tokens.weight"])
+    load_full_model_state(model, sd)
+    return model.train()
+
+
+def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (biases and norm weights are 1-D and not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+
+
+class LRSchedule:
+    """LR multiplier for optimizer step s (0-based), W warm-up steps, S total steps, floor m:
+
+        s < W:  (s + 1) / W                                         linear warm-up, no zero-LR step
+        else:   p = (s - W) / max(1, S - W);  cosine: m + (1 - m) * (1 + cos(pi * p)) / 2
+                                              linear: m + (1 - m) * (1 - p);   constant: 1
+    A plain object so LambdaLR's state_dict saves its fields (resume needs no pickled function).
+    """
+
+    def __init__(self, warmup: int, total: int, kind: str = "cosine", min_ratio: float = 0.0):
+        self.warmup, self.total, self.kind, self.min_ratio = warmup, total, kind, min_ratio
+
+    def __call__(self, s: int) -> float:
+        if s < self.warmup:
+            return (s + 1) / self.warmup
+        p = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
+        m = self.min_ratio
+        if self.kind == "cosine":
+            return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * p))
+        if self.kind == "linear":
+            return m + (1 - m) * (1 - p)
+        return 1.0
+
+
+def build_scheduler(optimizer, optim_cfg, total_steps: int):
+    warmup = optim_cfg.warmup_steps or math.ceil(optim_cfg.warmup_ratio * total_steps)
+    sched = LRSchedule(warmup, total_steps, optim_cfg.schedule, optim_cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, sched), warmup
+
+
+# ============================================================================================================
+# the SFT step
+# ============================================================================================================
+
+def train_step(model, optimizer, micro_batches: list[Batch], *, device, grad_clip: float, amp) -> dict:
+    """One optimizer step (without the LR update) over this rank's micro-batches -> metrics.
+    Raises NonFiniteLossError before touching the weights when loss or gradient norm is not finite."""
+    counts = torch.tensor([sum(b.n_targets for b in micro_batches), sum(b.n_tokens for b in micro_batches)],
+                          dtype=torch.float64, device=device)
+    dist.all_reduce_sum(counts)  # (global target tokens, global real tokens)
+    n_targets = counts[0].float()
+    loss_sum = torch.zeros((), device=device)
+    for mb in micro_batches:
+        mb = mb.to(device)
+        with amp:
+            logp, _ = model(mb.input_ids, doc_ids=mb.doc_ids, targets=mb.labels)  # (B, T), 0 where IGNORE
+        (-logp.sum() / n_targets).backward()
+        loss_sum += -logp.detach().sum()
+    loss = dist.all_reduce_sum(loss_sum) / n_targets
+    grad_norm = dist.clip_grad_norm_(model.parameters(), grad_clip)
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"loss {loss.item()}, grad norm {grad_norm.item()}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss.item(), "grad_norm": grad_norm.item(), "targets": int(counts[0]), "n_tokens": int(counts[1])}
+
+
+# ============================================================================================================
+# the loop
+# ============================================================================================================
+
+def run_sft(cfg: RunConfig) -> Path:
+    """Train per `cfg`; returns the run directory. Works alone or under torchrun."""
+    from tqdm import tqdm
+
+    from psyche.tokenizer import Tokenizer
+
+    rank, world, device = dist.init_distributed()
+    run_dir = Path(cfg.run.out)
+    torch.manual_seed(cfg.run.seed)
+    sc = cfg.sft
+
+    # ---- config ----
+    saved_cfg = run_dir / "config.toml"
+    dist.print0(f"# resolved config ({world} rank{'s' if world > 1 else ''}, {device})\n{to_toml(cfg)}")
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if saved_cfg.is_file():
+            diff = config_diff(load_run_config(saved_cfg), cfg)
+            if diff:
+                print("config differs from the run directory's previous config.toml:\n  " + "\n  ".join(diff))
+        saved_cfg.write_text(to_toml(cfg))
+
+    # ---- data and model ----
+    messages = load_messages(cfg.data.paths, cfg.data.format)
+    texts = [m["content"] for msgs, _ in messages for m in msgs]
+    init_dir = prepare_init(cfg.model.init, run_dir, cfg.run.seed, texts)
+    tok = Tokenizer.from_dir(init_dir)
+    model_cfg = ModelConfig.from_dir(init_dir)
+    if cfg.data.max_length > model_cfg.max_position_embeddings:
+        raise ValueError(f"data.max_length {cfg.data.max_length} > the model's max_position_embeddings "
+                         f"{model_cfg.max_position_embeddings}")
+    samples = tokenize(messages, tok, cfg.data.max_length, cfg.data.truncation, cfg.data.system)
+    dist.print0(f"data: {samples.summary()}")
+    global_batch = sc.global_batch_tokens // cfg.data.max_length if sc.global_batch_tokens > 0 else sc.global_batch
+    batches = SFTBatches(samples, global_batch=global_batch, micro_batch=sc.micro_batch, world_size=world,
+                         packing=cfg.data.packing, max_length=cfg.data.max_length, pad_id=tok.pad_id,
+                         seed=cfg.run.seed)
+    total = sc.max_steps if sc.max_steps > 0 else math.ceil(sc.epochs * batches.steps_per_epoch)
+    compute_dtype = resolve_dtype(cfg.model.dtype, device)
+    model = build_model_for_training(init_dir, device, compute_dtype=compute_dtype, compile=cfg.model.compile,
+                                     activation_checkpointing=cfg.model.activation_checkpointing)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler, warmup = build_scheduler(optimizer, cfg.optim, total)
+    amp = dist.autocast(model, device, compute_dtype)
+    dist.print0(f"model: {model_cfg.num_params():,} parameters from {init_dir}; compute {compute_dtype}, "
+                f"{'FSDP2 over ' + str(world) + ' ranks' if dist.is_sharded(model) else 'unsharded'}\n"
+                f"batch: {global_batch} {'packed rows' if cfg.data.packing else 'samples'} per step = "
+                f"{sc.micro_batch} per micro-batch x {batches.accum} accumulation x {world} ranks; "
+                f"{batches.steps_per_epoch} steps per epoch, {total} steps, {warmup} warm-up")
+
+    # ---- resume ----
+    start, tokens_seen, elapsed0 = 0, 0, 0.0
+    fingerprint = samples.fingerprint()
+    ckpt = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        start, tokens_seen, elapsed0 = state["step"], state["tokens"], state["elapsed"]
+        dist.print0(f"resumed from {ckpt} at step {start} (epoch {state['data']['epoch']}, "
+                    f"batch {state['data']['batch']})")
+        if state.get("data_fingerprint") != fingerprint:
+            dist.print0("warning: the tokenised data differs from the checkpoint's; the data position is reused")
+    logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, enabled=dist.is_main(),
+                           resume_step=start if ckpt is not None else 0)
+
+    # ---- train ----
+    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+               disable=not (dist.is_main() and cfg.log.progress))
+    write = bar.write if not bar.disable else dist.print0
+    t_start = time.time() - elapsed0
+    for s in range(start, total):
+        step = s + 1  # optimizer steps done after this one; checkpoints and logs count from 1
+        fault("step_start", step)
+        t0 = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        try:
+            m = train_step(model, optimizer, batches.micro_batches(s, rank), device=device,
+                           grad_clip=cfg.optim.grad_clip, amp=amp)
+        except NonFiniteLossError as e:
+            last = latest_checkpoint(run_dir)
+            raise NonFiniteLossError(f"step {step}: non-finite {e}; stopped before the optimizer step. Last good "
+                                     f"checkpoint: {last or 'none'} (untouched)") from None
+        scheduler.step()
+        dt = time.time() - t0
+        tokens_seen += m["n_tokens"]
+        row = {"loss": m["loss"], "lr": lr, "grad_norm": m["grad_norm"], "tokens": tokens_seen,
+               "targets": m["targets"], "tok_per_s": m["n_tokens"] / dt, "epoch": s / batches.steps_per_epoch,
+               "dt": dt}
+        if device.type == "cuda":
+            row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        logger.log(step, row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{row['tok_per_s']:.0f}", refresh=False)
+        if step % cfg.log.every == 0 or step == total:
+            write(step_line(row, step=step, total=total, elapsed=time.time() - t_start,
+                            keys=("loss", "lr", "grad_norm", "tok_per_s")))
+        if step == total or (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0):
+            save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                            keep_last=cfg.checkpoint.keep_last, tokenizer=tok,
+                            state={"step": step, "data": batches.position(step), "tokens": tokens_seen,
+                                   "elapsed": time.time() - t_start, "data_fingerprint": fingerprint})
+        fault("step_end", step)
+    bar.close()
+    logger.close()
+    if cfg.checkpoint.export:
+        out = export_hf(model, run_dir / "hf", tok, dtype=model_cfg.dtype)
+        dist.print0(f"exported {out}")
+    dist.cleanup()
+    return run_dir

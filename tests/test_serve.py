@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from psyche.sampler import generate, row_seeds
 from psyche.serve import make_server

@@ -16,20 +16,24 @@ import click
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory.")
 def main(stage, config_path, overrides, out):
     """Train and evaluate Psyche-R1 style models."""
-    if stage == "sft":
+    if stage in ("sft", "grpo"):
         import os
 
         from torch.distributed.elastic.multiprocessing.errors import record
 
         from psyche.config import ConfigError, load_run_config
         from psyche.data import DataError
-        from psyche.sft import NonFiniteLossError, run_sft
+        from psyche.sft import NonFiniteLossError
 
+        if stage == "sft":
+            from psyche.sft import run_sft as run
+        else:
+            from psyche.grpo_run import run_grpo as run
         try:
             cfg = load_run_config(config_path, list(overrides) + ([f"run.out={_toml_str(out)}"] if out else []))
             # under torchrun, `record` puts this rank's traceback into the launcher's failure summary
-            (record(run_sft) if "TORCHELASTIC_RUN_ID" in os.environ else run_sft)(cfg)
-        except (ConfigError, DataError, NonFiniteLossError) as e:
+            (record(run) if "TORCHELASTIC_RUN_ID" in os.environ else run)(cfg)
+        except (ConfigError, DataError, NonFiniteLossError, FloatingPointError) as e:
             raise click.ClickException(str(e)) from None
         return
 

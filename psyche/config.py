@@ -231,6 +231,63 @@ class LogSection:
     progress: bool = True  # tqdm bar on rank 0
 
 
+def _grpo_optim():
+    # Psyche-R1's GRPO: lr 1e-6, 10 warm-up steps, then constant (verl's default schedule)
+    return OptimSection(lr=1e-6, warmup_steps=10, warmup_ratio=0.0, schedule="constant")
+
+
+@dataclass
+class GRPOSection:
+    """GRPO knobs (see psyche/grpo_loss.py for the formulas). Defaults: Psyche-R1's recipe where it states one
+    (total batch 128, mini-batch 32, KL loss 0.001, lr 1e-6, 10 warm-up steps, 2 epochs)."""
+
+    paths: list[str] = field(default_factory=list)  # JSONL/JSON: MC items {question, options, answer}, or
+    #                                                  {messages: [...prompt turns], answer} with the prompt given
+    init: str = ""  # policy (and reference) start; "": model.init
+    prompt_style: str = choices("plain", "plain", "psyche")  # MC items -> prompt: as SFT formats them, or
+    #                                                          Psyche-R1's system prompt + user prefix
+    steps: int = 0  # > 0: stop after this many GRPO steps, whatever `epochs` says
+    epochs: float = 2.0  # passes over the prompts
+    prompts_per_step: int = 128  # prompts per step, all ranks together (each sampled group_size times)
+    group_size: int = 8
+    mini_batch: int = 32  # prompts per optimizer step (prompts_per_step / mini_batch updates per pass); 0: all
+    micro_batch: int = 16  # sequences per forward/backward on one rank
+    ppo_epochs: int = 1  # μ: passes over each step's rollouts
+    temperature: float = 1.0  # sampling temperature; log-probs are recomputed at the same temperature
+    top_p: float = 1.0  # truncation only chooses what can be sampled; reported log-probs are untruncated
+    top_k: int = 0
+    max_prompt_length: int = 1024  # longer prompts are dropped (and counted) at load time
+    max_new_tokens: int = 1024
+    advantage: str = choices("grpo", "grpo", "dr_grpo", "rloo", "batch_std")
+    std_ddof: int = 1
+    adv_eps: float = 1e-6
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # > clip_low: DAPO's clip-higher
+    dual_clip: float = 0.0  # c > 1 enables dual clip; 0 disables
+    ratio_level: str = choices("token", "token", "sequence")  # sequence: GSPO
+    loss_agg: str = choices("token-mean", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                            "seq-mean-token-sum-norm")
+    norm_length: int = 0  # seq-mean-token-sum-norm's constant; 0: max_new_tokens
+    kl_coef: float = 0.001
+    kl_kind: str = choices("k3", "k1", "k2", "k3")
+    kl_mode: str = choices("loss", "loss", "reward")  # β·KL in the loss, or −β·Σ_t KL_t in the reward
+    ref_offload: bool = False  # keep the reference model on the CPU between uses
+    ref_reset_every: int = 0  # > 0: copy the policy into the reference every N steps
+    entropy_coef: float = 0.0  # > 0: entropy bonus
+    truncation: str = choices("zero", "zero", "keep", "mask", "penalty")  # see grpo.shape_rewards
+    overlong_buffer: int = 0  # penalty: the soft zone before max_new_tokens
+    overlong_penalty: float = 1.0
+    dynamic_sampling: bool = False  # drop zero-std groups and refill from new prompts
+    max_refill: int = 4  # refill rounds per step before giving up (and keeping zero-std groups)
+    old_logprobs: str = choices("recompute", "recompute", "sampler")  # π_old: recomputed by the trainer, or
+    #                                                                   the sampler's own log-probs
+    rewards: list[str] = field(default_factory=lambda: ["format", "accuracy"])  # psyche.rewards.REGISTRY names
+    reward_weights: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    exact_kl: bool = True  # log the full-vocabulary KL to the reference (one extra forward of each model)
+    dump_every: int = 10  # steps between dumps of prompts/completions/rewards to rollouts.jsonl; 0: never
+    optim: OptimSection = field(default_factory=_grpo_optim)
+
+
 @dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
@@ -240,6 +297,7 @@ class RunConfig:
     sft: SFTSection = field(default_factory=SFTSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
 
 
 def _type_name(tp) -> str:

@@ -79,6 +79,19 @@ def sequence_logprobs(model, batch: RolloutBatch, temperature: float):
     return model(batch.input_ids, targets=batch.targets, temperature=temperature)
 
 
+@torch.no_grad()
+def batched_logprobs(model, batch: RolloutBatch, micro_batch: int, temperature: float) -> torch.Tensor:
+    """Log-probs (N, T) of the batch's targets under `model`, micro-batch by micro-batch (no gradient)."""
+    dev = next(model.parameters()).device
+    out = torch.zeros(batch.mask.shape, dtype=torch.float32, device=batch.mask.device)
+    for i in range(0, batch.mask.shape[0], micro_batch):
+        rows = list(range(i, min(i + micro_batch, batch.mask.shape[0])))
+        sub = batch.rows(rows)
+        lp, _ = model(sub.input_ids.to(dev), targets=sub.targets.to(dev), temperature=temperature)
+        out[rows, : lp.shape[1]] = lp.float().to(out.device)
+    return out
+
+
 def shape_rewards(rewards: torch.Tensor, batch: RolloutBatch, *, truncation: str, max_new_tokens: int,
                   overlong_buffer: int = 0, overlong_penalty: float = 1.0) -> torch.Tensor:
     """Apply the truncation policy to raw rewards (N,).

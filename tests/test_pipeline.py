@@ -14,7 +14,7 @@ from psyche.pipeline.backends import Backend, CallableBackend, Failure, LocalBac
 from psyche.pipeline.clean import clean_records, clean_text
 from psyche.pipeline.cli import data
 from psyche.pipeline.empathy import rewrite_dialogues
-from psyche.pipeline.io import Journal, Result, item_key, read_records, run_step
+from psyche.pipeline.io import Journal, PipelineError, Result, item_key, read_records, run_step
 from psyche.pipeline.questions import generate_questions, parse_questions
 from psyche.pipeline.rationales import write_rationales
 from psyche.pipeline.select import select_challenges, select_step
@@ -389,6 +389,15 @@ def test_journal_repairs_a_torn_commit(tmp_path):
     s = commit_all(["a", "b", "c", "d"])
     assert s.done_before == 2 and s.status["kept"] == 2
     assert [r["id"] for r in lines(out)] == ["a", "b", "c", "d"]
+    with open(out, "w") as f:  # an output shorter than its log accounts for was edited: refuse
+        f.write(json.dumps({"id": "a"}) + "\n")
+    with pytest.raises(PipelineError, match="accounts for 4"):
+        Journal({"out": out})
+    out.with_name("o.log.jsonl").unlink()  # an output without its log: refuse, unless starting again
+    with pytest.raises(PipelineError, match="--overwrite"):
+        Journal({"out": out})
+    with Journal({"out": out}, overwrite=True) as j:
+        assert not j.done and j.records("out") == []
 
 
 # ---------------------------------------------------------------- the HTTP client against a misbehaving server

@@ -74,7 +74,8 @@ class CallableBackend(Backend):
 
 class LocalBackend(Backend):
     """A psyche model in this process. Give `model_dir`, or an already loaded `model` and `tokenizer` (the
-    demo pipeline passes the models it trains). Replies are decoded without special tokens.
+    demo pipeline passes the models it trains; their train/eval mode is left as it is, generation runs without
+    gradients). Replies are decoded without special tokens.
 
     A prompt too long for the context is a Failure; a prompt that leaves less room than max_tokens is answered
     with what fits. `batch_size` bounds the rows of one sampler call."""
@@ -96,10 +97,10 @@ class LocalBackend(Backend):
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
             model, _ = load_pretrained(model_dir, dtype=dtype, device=device)
+            model.eval()
             tokenizer = Tokenizer.from_dir(model_dir)
         elif tokenizer is None:
             raise ValueError("LocalBackend(model=...) needs its tokenizer too")
-        model.eval()
         self.engine = Engine(model, tokenizer, max_rows=batch_size)
         self.batch_size, self.top_k, self.min_p = batch_size, top_k, min_p
         self.name = name or (f"local:{Path(model_dir).name}" if model_dir is not None else "local")

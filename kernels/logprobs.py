@@ -24,12 +24,27 @@ import torch.nn.functional as F
 from kernels._triton import dot_dtype, num_programs, tl, triton
 
 
-def _logits(h, w, temperature):
-    """(n, C) @ (v, C).T -> (n, v) fp32, scaled by 1 / temperature (a fresh tensor: safe to modify in place)."""
-    z = (h @ w.t()).float()
+def _view(buf, n, v):
+    """An (n, v) fp32 block in a flat buffer that is reused from block to block: on CPU a fresh large
+    allocation costs a page fault per 4 KiB touched, as much as the elementwise work itself."""
+    return buf[: n * v].view(n, v)
+
+
+def _logits(h, w, temperature, buf):
+    """(n, C) @ (v, C).T / temperature -> (n, v) fp32, written into `buf`."""
+    z = _view(buf, h.shape[0], w.shape[0])
+    if h.dtype == w.dtype == torch.float32:
+        torch.mm(h, w.t(), out=z)
+    else:
+        z.copy_(h @ w.t())
     if temperature != 1.0:
-        z = z / temperature
+        z.div_(temperature)
     return z
+
+
+def _buffers(hidden, weight, chunk_size, vocab_chunk):
+    numel = min(hidden.shape[0], chunk_size) * min(weight.shape[0], vocab_chunk)
+    return [torch.empty(numel, dtype=torch.float32, device=hidden.device) for _ in range(2)]
 
 
 def _acc_mm(out, a, b):
@@ -46,6 +61,7 @@ class _StreamingLogprobs(torch.autograd.Function):
         N, V = hidden.shape[0], weight.shape[0]
         lse = hidden.new_empty(N, dtype=torch.float32)
         ent, logp = torch.empty_like(lse), torch.empty_like(lse)
+        zbuf, ebuf = _buffers(hidden, weight, chunk_size, vocab_chunk)
         for n0 in range(0, N, chunk_size):
             h, y = hidden[n0:n0 + chunk_size], targets[n0:n0 + chunk_size]  # (n, C), (n,)
             # Online logsumexp with sums relative to the running max m (shifted sums keep fp32 accurate):
@@ -55,13 +71,13 @@ class _StreamingLogprobs(torch.autograd.Function):
             zy = torch.zeros_like(m)  # z at the target
             for v0 in range(0, V, vocab_chunk):
                 v1 = min(V, v0 + vocab_chunk)
-                z = _logits(h, weight[v0:v1], temperature)  # (n, v)
+                z = _logits(h, weight[v0:v1], temperature, zbuf)  # (n, v)
                 m_new = torch.maximum(m, z.amax(1))
                 alpha = (m - m_new).exp()  # rescales the sums kept so far; 0 on the first slice
                 inside = (y >= v0) & (y < v1)
                 zy += torch.where(inside, z.gather(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], 0.0)
                 z -= m_new[:, None]
-                e = z.exp()  # (n, v)
+                e = torch.exp(z, out=_view(ebuf, *z.shape))  # (n, v)
                 s_new = alpha * s + e.sum(1)
                 u = alpha * (u + s * (m - m_new)) + z.mul_(e).sum(1)  # z is spent: no third (n, v) tensor
                 s = s_new
@@ -82,6 +98,7 @@ class _StreamingLogprobs(torch.autograd.Function):
         # fp32 accumulators (for fp32 inputs they are the gradients themselves: no extra memory)
         dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        zbuf, pbuf = _buffers(hidden, weight, chunk_size, vocab_chunk)
         for n0 in range(0, N, chunk_size):
             n1 = min(N, n0 + chunk_size)
             h, y = hidden[n0:n1], targets[n0:n1]
@@ -91,8 +108,8 @@ class _StreamingLogprobs(torch.autograd.Function):
             for v0 in range(0, V, vocab_chunk):
                 v1 = min(V, v0 + vocab_chunk)
                 w = weight[v0:v1]
-                logp_all = _logits(h, w, T).sub_(lse_c)  # (n, v) log p
-                p = logp_all.exp()
+                logp_all = _logits(h, w, T, zbuf).sub_(lse_c)  # (n, v) log p
+                p = torch.exp(logp_all, out=_view(pbuf, *logp_all.shape))
                 dz = logp_all.add_(ent_c).mul_(e).add_(g).mul_(p).neg_()  # -p (g + e (log p + H)), in place
                 inside = (y >= v0) & (y < v1)
                 dz.index_put_((rows[inside], y[inside] - v0), g[inside, 0], accumulate=True)  # + g at the target

@@ -6,13 +6,16 @@ For hidden h (N, C), lm_head weight W (V, C) and z = h @ W.T / temperature:
 and, for upstream gradients g (of logp) and e (of entropy), the gradient of the logits is
     dz_ij = g_i (1[j = y_i] - p_ij) - e_i p_ij (log p_ij + entropy_i)
 so backward needs only (lse, entropy) per token besides the inputs: the logits are recomputed.
+Both implementations keep, per token, the running max m, s = sum exp(z - m) and u = sum exp(z - m) (z - m)
+(sums relative to m stay accurate in fp32), and finish with lse = m + log s, entropy = log s - u / s.
 
 - `token_logprobs_ref`: PyTorch, streaming over tokens (chunk_size) and vocab (vocab_chunk) with an online
   logsumexp; an autograd.Function that saves (lse, entropy) and recomputes a (chunk, vocab_chunk) block of
   logits at a time in backward. Peak working memory is a few such blocks, whatever N and V.
 - `token_logprobs_triton`: forward is one fused kernel (matmul tiles -> online logsumexp, target gather,
-  entropy), no logits anywhere; backward recomputes the logits per vocab slice in a kernel that writes
-  dz for that slice only, and hands the two gradient matmuls to cuBLAS.
+  entropy), no logits anywhere, the vocab split across programs when N is small; backward recomputes the
+  logits one vocab slice at a time (~V/16 wide) in a kernel that writes dz for that slice only, (N, V/16),
+  and hands the two gradient matmuls to cuBLAS (dh accumulates in fp32, dW is one matmul per slice).
 - `token_logprobs_naive`: full (N, V) logits, for tests and benchmarks.
 
 Targets must lie in [0, V): mask ignored positions in the loss, not here.

@@ -234,23 +234,25 @@ def test_token_logprobs_dispatch_shapes(monkeypatch):
 
 @needs_triton
 def test_tiny_model_with_triton_kernels_equals_reference(monkeypatch):
-    """The tiny model's logits, per-token log-probs/entropy (fused lm_head path) and every parameter
-    gradient are the same with PSYCHE_KERNELS=triton as with the references."""
+    """The tiny model's logits, per-token log-probs/entropy (its fused lm_head path, `targets=`) and every
+    parameter gradient are the same with PSYCHE_KERNELS=triton as with the references."""
     from psyche.config import preset
     from psyche.model import build_model
 
     cfg = preset("tiny")
-    x = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (2, 13), generator=gen).to(DEVICE)
+    targets = torch.cat([x[:, 1:], torch.full((2, 1), -1)], 1)  # next token; the last position has none
+    targets[0, :4] = -1  # e.g. prompt tokens: ignored
     g_logits = torch.randn(2, 13, cfg.vocab_size, generator=gen).to(DEVICE) * 1e-2
-    g_lp, g_ent = torch.randn(2, 12, generator=gen).to(DEVICE), torch.randn(2, 12, generator=gen).to(DEVICE)
+    g_lp, g_ent = torch.randn(2, 13, generator=gen).to(DEVICE), torch.randn(2, 13, generator=gen).to(DEVICE)
 
     def run(mode):
         monkeypatch.setenv("PSYCHE_KERNELS", mode)
+        assert kernels.use_triton(x.float()) == (mode == "triton")
         m = build_model(cfg, device=DEVICE, seed=0)
-        hidden = m(x, return_hidden=True)  # (B, T, C)
-        logits = m.lm_head(hidden)
-        logp, ent = kernels.token_logprobs(hidden[:, :-1], m.lm_head.weight, x[:, 1:], temperature=0.7)
+        logits = m(x)
+        logp, ent = m(x, targets=targets, temperature=0.7)
         ((logits * g_logits).sum() + (logp * g_lp).sum() + (ent * g_ent).sum()).backward()
         return [logits.detach(), logp.detach(), ent.detach()], {n: p.grad for n, p in m.named_parameters()}
 

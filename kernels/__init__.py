@@ -11,22 +11,22 @@ when triton or flash-attn is missing.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 
-# modules under private names: the public names below are the dispatching functions
-from kernels import _triton
-from kernels import logprobs as _logprobs
-from kernels import rmsnorm as _rmsnorm
-from kernels import rotary as _rotary
-from kernels import swiglu as _swiglu
+from kernels._triton import triton as _triton_or_none
 from kernels.attention import attention_flash, attention_ref, cu_seqlens_from_doc_ids
 from kernels.logprobs import token_logprobs_naive, token_logprobs_ref
 from kernels.rmsnorm import rms_norm_ref
 from kernels.rotary import rotary_ref
 from kernels.swiglu import swiglu_ref
 
-HAS_TRITON = _triton.triton is not None
+# The op modules under private names (`kernels.rotary` and `kernels.swiglu` are the dispatching functions).
+_rmsnorm, _rotary, _swiglu, _logprobs = (importlib.import_module(f"kernels.{m}")
+                                         for m in ("rmsnorm", "rotary", "swiglu", "logprobs"))
+
+HAS_TRITON = _triton_or_none is not None
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
 

@@ -22,7 +22,7 @@ if triton is not None:
         mask = offs < n
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + offs, g * tl.sigmoid(g) * u, mask=mask)
+        tl.store(Y + offs, g / (1.0 + tl.exp(-g)) * u, mask=mask)  # silu; not tl.sigmoid (see _triton.py)
 
     @triton.jit
     def _swiglu_bwd_kernel(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):
@@ -31,7 +31,7 @@ if triton is not None:
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(g)
+        sig = 1.0 / (1.0 + tl.exp(-g))
         silu = g * sig
         tl.store(DU + offs, dy * silu, mask=mask)
         tl.store(DG + offs, dy * u * (sig + silu * (1.0 - sig)), mask=mask)  # silu' = s + g s (1 - s)

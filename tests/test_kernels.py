@@ -1,7 +1,8 @@
 """Every Triton kernel against its PyTorch reference, forward and backward, on small odd shapes.
 
 Without a GPU the kernels run on CPU tensors under triton's interpreter (`TRITON_INTERPRET=1`, ~4000x
-slower than eager: shapes stay small). Tolerances, per dtype:
+slower than eager: shapes stay small); if this process imported triton before it could ask for the
+interpreter, those tests run in a fresh process instead. Tolerances, per dtype:
 - fp32: atol = rtol = 1e-5. Kernel and reference do the same fp32 arithmetic in a different order
   (reductions, 1/T multiplied instead of divided); observed differences are ~1e-6.
 - bf16: atol = rtol = 2e-2, about 2.5 bf16 ulps (2**-8 relative per ulp). The kernels upcast, compute in
@@ -18,43 +19,47 @@ from pathlib import Path
 import pytest
 import torch
 
-# triton reads TRITON_INTERPRET when @triton.jit runs, i.e. when kernels/ is imported. Set it before that
-# import; on a GPU machine leave it unset so that the same tests run the compiled kernels on CUDA.
+# triton reads TRITON_INTERPRET when `@triton.jit` runs: for its own helpers (tl.sum, ...) when triton is
+# first imported, for ours when kernels/ is. Set it before either; on a GPU machine leave it unset so that
+# the same tests run the compiled kernels on CUDA.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import kernels  # noqa: E402
-
-
-def _reimport_if_compiled():
-    """Another test module may have imported kernels/ first, without the interpreter: define the kernels again."""
-    import importlib
-
-    mod = sys.modules["kernels.rmsnorm"]
-    if (kernels.HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
-            and type(mod._rms_norm_fwd_kernel).__name__ != "InterpretedFunction"):
-        for name in [n for n in sys.modules if n.startswith("kernels.")]:
-            importlib.reload(sys.modules[name])
-        importlib.reload(kernels)
-
-
-_reimport_if_compiled()
-
 from kernels.logprobs import token_logprobs_naive, token_logprobs_ref  # noqa: E402
 from kernels.rmsnorm import rms_norm_ref  # noqa: E402
 from kernels.rotary import rotary_ref  # noqa: E402
 from kernels.swiglu import swiglu_ref  # noqa: E402
 
+
+def _can_run_triton() -> bool:
+    """On CUDA always; on CPU only if triton was imported under the interpreter. It was not if another test
+    module imported triton first (transformers does); the Triton tests then run in a fresh process."""
+    if torch.cuda.is_available():
+        return True
+    import triton.language as tl
+
+    return type(tl.sum).__name__ == "InterpretedFunction"
+
+
+CAN_RUN_TRITON = kernels.HAS_TRITON and _can_run_triton()
+_TRITON_TESTS = []
+
+
+def needs_triton(test):
+    """A test that runs Triton kernels: skipped without triton, and run in a fresh process (by
+    test_triton_kernels_in_a_fresh_process) when this one imported triton without the interpreter."""
+    _TRITON_TESTS.append(test.__name__)
+    test = pytest.mark.skipif(kernels.HAS_TRITON and not CAN_RUN_TRITON,
+                              reason="triton was imported here before TRITON_INTERPRET was set: run in a fresh "
+                                     "process by test_triton_kernels_in_a_fresh_process")(test)
+    return pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed (pip install triton)")(test)
+
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed (pip install triton)")
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 DTYPES = [torch.float32, torch.bfloat16]
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def triton_mode(monkeypatch):
-    monkeypatch.setenv("PSYCHE_KERNELS", "triton")
 
 
 def _leaves(*tensors):
@@ -307,6 +312,14 @@ def test_cu_seqlens_from_doc_ids():
     doc = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 2, 2]])
     cu, max_len = kernels.cu_seqlens_from_doc_ids(doc)
     assert cu.tolist() == [0, 2, 5, 8, 10] and cu.dtype == torch.int32 and max_len == 3
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON or CAN_RUN_TRITON, reason="the Triton tests run in this process")
+def test_triton_kernels_in_a_fresh_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          " or ".join(_TRITON_TESTS)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0 and " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-6000:]
 
 
 # ---------------------------------------------------------------------------------------------- memory

@@ -107,29 +107,30 @@ def main():
                                      f" ({threads} threads)")
           + f", {args.dtype}, N={args.tokens} C={args.hidden} V={args.vocab}, forward + backward of logp and "
           f"entropy, best of {args.repeat}")
-    res = {}
+    runs = {p: [] for p in paths}
     for _ in range(args.repeat):
         for p in paths:
             cmd = [sys.executable, __file__, "--one", p] + [f"--{k}={v}" for k, v in (
                 ("tokens", args.tokens), ("hidden", args.hidden), ("vocab", args.vocab),
                 ("temperature", args.temperature), ("device", args.device), ("dtype", args.dtype))]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            r = json.loads(out.strip().splitlines()[-1])
-            if p in res:
-                r = {"peak": max(r["peak"], res[p]["peak"]), "grads": r["grads"], "time": min(r["time"], res[p]["time"])}
-            res[p] = r
-    logits = args.tokens * args.vocab * 4
-    print(f"(one (N, V) fp32 logits tensor: {logits / MiB:.0f} MiB; the gradients: {res['naive']['grads'] / MiB:.0f} MiB)")
-    print(f"{'path':<44} {'peak MiB':>9} {'working MiB':>12} {'time s':>8}")
+            runs[p].append(json.loads(out.strip().splitlines()[-1]))
+    res = {p: {"peak": max(r["peak"] for r in rs), "grads": rs[0]["grads"], "time": min(r["time"] for r in rs),
+               "times": " ".join(f"{r['time']:.2f}" for r in rs)} for p, rs in runs.items()}
+    grads = res["naive"]["grads"]
+    print(f"(one (N, V) fp32 logits tensor: {args.tokens * args.vocab * 4 / MiB:.0f} MiB; "
+          f"the gradients: {grads / MiB:.0f} MiB)")
+    print(f"{'path':<44} {'peak MiB':>9} {'working MiB':>12} {'time s':>8}   every run's time")
     for p in paths:
         r = res[p]
-        print(f"{what[p]:<44} {r['peak'] / MiB:>9.0f} {(r['peak'] - r['grads']) / MiB:>12.0f} {r['time']:>8.3f}")
+        print(f"{what[p]:<44} {r['peak'] / MiB:>9.0f} {(r['peak'] - grads) / MiB:>12.0f} {r['time']:>8.2f}   "
+              f"{r['times']}")
     n = res["naive"]
     for p in paths[1:]:
         r = res[p]
-        print(f"{p} / naive: peak {r['peak'] / n['peak']:.3f}, working {(r['peak'] - r['grads']) / (n['peak'] - n['grads']):.3f}, "
+        work = (r["peak"] - grads) / (n["peak"] - grads)
+        print(f"{p} / naive: peak {r['peak'] / n['peak']:.3f}, working {work:.3f}, "
               f"time {r['time'] / n['time']:.2f}  (goal: peak <= 0.125 at time <= 1.2)")
-
 
 if __name__ == "__main__":
     main()

@@ -275,7 +275,7 @@ if triton is not None:
             dz_dtype = w.dtype if h.is_cuda else torch.float32
             dh = torch.zeros((N, C), dtype=torch.float32, device=h.device) if need_h else None
             dw = torch.empty_like(w) if need_w else None
-            h_mm = h.to(w.dtype)
+            h_mm = h.to(w.dtype) if need_w else None
             for v0 in range(0, V, width):
                 v1 = min(V, v0 + width)
                 dz = torch.empty((N, v1 - v0), dtype=dz_dtype, device=h.device)

@@ -22,7 +22,7 @@ if triton is not None:
         mask = offs < n
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + offs, g / (1.0 + tl.exp(-g)) * u, mask=mask)  # silu; not tl.sigmoid (see _triton.py)
+        tl.store(Y + offs, g / (1.0 + tl.exp(-g)) * u, mask=mask)  # silu(g) * u
 
     @triton.jit
     def _swiglu_bwd_kernel(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):

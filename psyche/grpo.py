@@ -44,7 +44,7 @@ class RolloutBatch:
 
     def rows(self, idx):
         """The sub-batch of rows `idx` (a micro-batch), trimmed to its longest sequence."""
-        idx = torch.as_tensor(idx, device=self.input_ids.device)
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.input_ids.device)
         T = int((self.mask[idx].nonzero()[:, 1].max() + 2) if self.mask[idx].any() else 1)
         pick = lambda x: None if x is None else x[idx][:, :T]  # noqa: E731
         return RolloutBatch(self.input_ids[idx][:, :T], self.targets[idx][:, :T], self.mask[idx][:, :T],
@@ -168,17 +168,22 @@ def rollout_stats(batch: RolloutBatch, max_new_tokens: int) -> dict:
     return st
 
 
-def _global_sum(x: float) -> float:
-    """Sum over ranks (identity in one process): loss denominators must count the whole batch."""
+def reduce_scalar(x: float, op: str = "sum") -> float:
+    """Sum (or max) of a number over ranks (identity in one process)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         t = torch.tensor([float(x)], dtype=torch.float64)
         if dist.get_backend() == "nccl":
             t = t.cuda()
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return float(t.item())
     return float(x)
+
+
+def _global_sum(x: float) -> float:
+    """Loss denominators must count the whole batch on every rank."""
+    return reduce_scalar(x, "sum")
 
 
 @dataclass
@@ -283,4 +288,5 @@ def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, *, mini
         else:
             out[k] = v / max(weights, 1)
     out["optimizer_steps"] = n_updates
+    out["update_tokens"] = weights
     return out

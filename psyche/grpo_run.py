@@ -22,11 +22,11 @@ from psyche.checkpoint import fault, latest_checkpoint, load_checkpoint, save_ch
 from psyche.config import ModelConfig, RunConfig, config_diff, load_run_config, to_toml
 from psyche.data import DataError, format_mc_prompt, read_records
 from psyche.grpo import (LossConfig, RolloutBatch, apply_truncation_mask, batched_logprobs, build_batch,
-                         compute_advantages, exact_kl_tokens, kl_estimate, logprob_gap, rollout_stats, sequence_logprobs,
+                         compute_advantages, exact_kl_tokens, reduce_scalar, kl_estimate, logprob_gap, rollout_stats, sequence_logprobs,
                          shape_rewards, update_policy, zero_std_groups)
 from psyche.metrics import MetricsLogger, step_line
 from psyche.rewards import RewardSet
-from psyche.sampler import generate, splitmix64
+from psyche.sampler import generate, row_seeds, splitmix64
 
 
 # ---- prompts ----
@@ -98,12 +98,12 @@ class PromptStream:
 
 # ---- one step ----
 
-def sample_groups(policy, prompts, idx, gc, tok, reward_set, step_seed):
-    """Rollouts for prompts `idx` with rewards: (RolloutBatch, raw reward parts)."""
+def sample_groups(policy, prompts, idx, gc, tok, reward_set, seeds):
+    """Rollouts for prompts `idx` (row seeds `seeds`, len(idx) * group_size) with their rewards."""
     ids = [prompts[i]["ids"] for i in idx]
     with torch.no_grad(), dist.unsharded(policy):
         r = generate(policy, ids, n=gc.group_size, max_new_tokens=gc.max_new_tokens, temperature=gc.temperature,
-                     top_p=gc.top_p, top_k=gc.top_k, stop_token_ids=tok.stop_ids, seed=step_seed, pad_id=tok.pad_id)
+                     top_p=gc.top_p, top_k=gc.top_k, stop_token_ids=tok.stop_ids, seeds=seeds, pad_id=tok.pad_id)
     b = build_batch(ids, r, tok.pad_id)
     b.texts = r.texts(tok, skip_special_tokens=True)
     b.prompts = [prompts[idx[int(p)]]["text"] for p in r.prompt_index]
@@ -150,38 +150,100 @@ def select_groups(b: RolloutBatch, groups: list[int]) -> RolloutBatch:
     return out
 
 
-def gather_rollouts(policy, prompts, stream, n_local, gc, tok, reward_set, seed_of):
-    """n_local prompt groups for this rank. With dynamic sampling, groups whose rewards are all equal are
-    dropped and replaced from new prompts, up to `max_refill` rounds; what is still missing is filled with
-    dropped groups (zero advantage: no gradient) so every rank runs the same number of micro-batches."""
-    rounds, kept, spare, drawn = 0, [], [], 0
-    while True:
-        idx = stream.take(n_local if rounds == 0 else max(n_local - len(kept), 1))
-        drawn += len(idx)
-        b = sample_groups(policy, prompts, idx, gc, tok, reward_set, seed_of(rounds))
-        zs = zero_std_groups(b.rewards, gc.group_size).tolist()
-        first_zero_frac = sum(zs) / len(zs) if rounds == 0 else None
-        if rounds == 0:
-            first = (b, first_zero_frac)
-        if not gc.dynamic_sampling:
-            return b, {"zero_std_frac_sampled": first_zero_frac, "prompts_drawn": drawn}
-        kept.append(select_groups(b, [g for g, z in enumerate(zs) if not z]))
-        spare.append(select_groups(b, [g for g, z in enumerate(zs) if z]))
-        n_kept = sum(len(x.prompt_ids) for x in kept)
-        rounds += 1
-        if n_kept >= n_local or rounds > gc.max_refill:
+def local_share(global_idx: list, rank: int, world: int, chunk: int) -> list[int]:
+    """Positions of this rank's part of a global list cut into mini-batch chunks of `chunk` items: rank r takes
+    the r-th slice of every chunk, so mini-batch k is the same prompts whatever the number of ranks."""
+    per = chunk // world
+    return [c + rank * per + j for c in range(0, len(global_idx), chunk) for j in range(per)]
+
+
+def gather_rollouts(policy, prompts, stream, gc, tok, reward_set, *, seed, step, rank, world, mini):
+    """This rank's share of the step's prompt groups, sampled and rewarded.
+
+    All ranks take the same prompts_per_step prompts from the stream and keep their share (`local_share`);
+    each row's sampling seed comes from its position in the global batch. With dynamic sampling, groups whose
+    rewards are all equal are dropped and replaced from new prompts in collective rounds (every rank draws the
+    same prompts and uses its own slice) up to `max_refill` rounds; what is still missing is filled with dropped
+    groups (zero advantage: no gradient), so every rank runs the same number of micro-batches."""
+    G = gc.group_size
+    n_local = gc.prompts_per_step // world
+    glob = stream.take(gc.prompts_per_step)
+    mine = local_share(glob, rank, world, mini)
+    seeds = rank_row_seeds(seed, step, 0, gc.prompts_per_step * G)
+    rows = torch.tensor([p * G + j for p in mine for j in range(G)])
+    b = sample_groups(policy, prompts, [glob[p] for p in mine], gc, tok, reward_set, seeds[rows])
+    zs = zero_std_groups(b.rewards, G).tolist()
+    info = {"zero_std_frac_sampled": sum(zs) / len(zs), "prompts_drawn": len(mine)}
+    if not gc.dynamic_sampling:
+        return b, info
+    kept = [select_groups(b, [g for g, z in enumerate(zs) if not z])]
+    spare = [select_groups(b, [g for g, z in enumerate(zs) if z])]
+    rounds = 0
+    while rounds < gc.max_refill:
+        need = max(0, n_local - sum(len(x.prompt_ids) for x in kept))
+        width = int(reduce_scalar(need, "max"))  # every rank takes part in every round
+        if width == 0:
             break
-    fill = max(0, n_local - n_kept)
-    parts = [x for x in kept if len(x.prompt_ids)] + [x for x in spare if len(x.prompt_ids)]
-    b = concat(parts)
+        rounds += 1
+        glob = stream.take(width * world)  # the same draw on every rank
+        if need == 0:
+            continue
+        idx = [glob[rank * width + j] for j in range(need)]
+        seeds = rank_row_seeds(seed, step, rounds, width * world * G)
+        rows = torch.tensor([(rank * width + j) * G + k for j in range(need) for k in range(G)])
+        nb = sample_groups(policy, prompts, idx, gc, tok, reward_set, seeds[rows])
+        z = zero_std_groups(nb.rewards, G).tolist()
+        kept.append(select_groups(nb, [g for g, v in enumerate(z) if not v]))
+        spare.append(select_groups(nb, [g for g, v in enumerate(z) if v]))
+        info["prompts_drawn"] += need
+    n_kept = sum(len(x.prompt_ids) for x in kept)
+    b = concat([x for x in kept + spare if len(x.prompt_ids)])
     b = select_groups(b, list(range(n_local)))
-    return b, {"zero_std_frac_sampled": first[1], "prompts_drawn": drawn, "refill_rounds": rounds,
-               "groups_padded": fill}
+    info.update(refill_rounds=rounds, groups_padded=max(0, n_local - n_kept))
+    return b, info
 
 
-def step_seed(seed: int, step: int, rank: int, round_: int) -> int:
-    x = torch.tensor([seed * 1_000_003 + step * 7919 + rank * 104_729 + round_ * 15_485_863])
-    return int(splitmix64(x)[0]) & ((1 << 62) - 1)
+def rank_row_seeds(seed: int, step: int, round_: int, n_rows: int) -> torch.Tensor:
+    """Sampling seeds of the global batch's rows for (step, refill round): each rank samples its rows with
+    their global seeds, so the rollouts of R ranks together equal those of one process."""
+    base = int(splitmix64(torch.tensor([seed * 1_000_003 + step * 7919 + round_ * 15_485_863]))[0])
+    return row_seeds(base, n_rows)
+
+
+SUMMED = ("loss", "pg_loss", "kl_loss", "entropy_loss", "prompts_drawn", "groups_padded", "update_tokens")
+SAME = ("grad_norm", "optimizer_steps", "lr")  # already global: identical on every rank
+
+
+def combine_ranks(b: RolloutBatch, local: dict, max_new_tokens: int) -> dict | None:
+    """Metrics of the whole step on rank 0 (None elsewhere): rollout statistics over every rank's rollouts;
+    loss terms summed (each rank holds its share of the global loss); maxima/minima over ranks; the rest
+    averaged with each rank's completion-token count as weight."""
+    mine = {"rewards": b.rewards, "advantages": b.advantages, "lengths": b.lengths, "finished": b.finished,
+            "parts": b.reward_parts, "tokens": int(b.mask.sum()), "local": local}
+    everyone = dist.gather_object(mine)
+    if everyone is None:
+        return None
+    cat = lambda k: torch.cat([e[k].cpu() for e in everyone])  # noqa: E731
+    view = RolloutBatch(b.input_ids[:0], b.targets[:0], b.mask[:0], b.sampler_logp[:0], cat("lengths"),
+                        cat("finished"), b.group_size, cat("rewards"), cat("advantages"))
+    view.reward_parts = {k: torch.cat([e["parts"][k] for e in everyone]) for k in b.reward_parts}
+    out = rollout_stats(view, max_new_tokens)
+    w = [max(e["tokens"], 1) for e in everyone]
+    for k in local:
+        vals = [e["local"].get(k) for e in everyone]
+        if any(v is None for v in vals):
+            continue
+        if k in SUMMED:
+            out[k] = sum(vals)
+        elif k in SAME:
+            out[k] = vals[0]
+        elif k in ("ratio_max", "refill_rounds", "response_length_max"):
+            out[k] = max(vals)
+        elif k == "ratio_min":
+            out[k] = min(vals)
+        else:
+            out[k] = sum(v * wi for v, wi in zip(vals, w)) / sum(w)
+    return out
 
 
 def dump_rollouts(path: Path, step: int, b: RolloutBatch):
@@ -242,7 +304,6 @@ def run_grpo(cfg: RunConfig) -> Path:
     steps_per_epoch = max(1, len(prompts) // gc.prompts_per_step)
     total = gc.steps if gc.steps > 0 else math.ceil(gc.epochs * steps_per_epoch)
     scheduler, warmup = build_scheduler(optimizer, gc.optim, total)
-    n_local = gc.prompts_per_step // world
     lc = LossConfig(temperature=gc.temperature, clip_low=gc.clip_low, clip_high=gc.clip_high,
                     dual_clip=gc.dual_clip or None, ratio_level=gc.ratio_level, agg=gc.loss_agg,
                     norm_length=gc.norm_length or gc.max_new_tokens, kl_coef=gc.kl_coef, kl_kind=gc.kl_kind,
@@ -272,12 +333,8 @@ def run_grpo(cfg: RunConfig) -> Path:
         step = s + 1
         fault("step_start", step)
         t0 = time.time()
-        # every rank takes its own slice of this step's prompts (same stream, different offsets)
-        stream.pos += rank * n_local
-        b, sampling = gather_rollouts(policy, prompts, stream, n_local, gc, tok, reward_set,
-                                      lambda r: step_seed(cfg.run.seed, step, rank, r))
-        stream.pos += (world - rank - 1) * n_local
-        stream.pos = dist.broadcast_object(stream.pos) if world > 1 else stream.pos
+        b, sampling = gather_rollouts(policy, prompts, stream, gc, tok, reward_set, seed=cfg.run.seed, step=step,
+                                      rank=rank, world=world, mini=mini)
         t_roll = time.time()
         raw = b.rewards
         b.rewards = shape_rewards(raw, b, truncation=gc.truncation, max_new_tokens=gc.max_new_tokens,
@@ -314,7 +371,6 @@ def run_grpo(cfg: RunConfig) -> Path:
             t_old = time.time()
         b.advantages = compute_advantages(b.rewards, gc.group_size, estimator=gc.advantage, std_ddof=gc.std_ddof,
                                           eps=gc.adv_eps)
-        metrics.update(rollout_stats(b, gc.max_new_tokens))
         metrics.update(sampling)
         if gc.truncation == "mask":
             apply_truncation_mask(b)
@@ -344,22 +400,25 @@ def run_grpo(cfg: RunConfig) -> Path:
             raise FloatingPointError(f"step {step}: non-finite loss {upd['loss']} / grad norm {upd['grad_norm']}; "
                                      f"last good checkpoint: {latest_checkpoint(run_dir) or 'none'} (untouched)")
         metrics.update(upd)
-        n_tok = int(b.mask.sum())
-        metrics.update(lr=lr, tokens=n_tok, tok_per_s=n_tok / max(t_end - t0, 1e-9),
-                       time_rollout=t_roll - t0, time_reference=t_ref - t_roll, time_old_logprob=t_old - t_ref,
-                       time_update=t_end - t_old)
+        metrics.update(lr=lr, time_rollout=t_roll - t0, time_reference=t_ref - t_roll,
+                       time_old_logprob=t_old - t_ref, time_update=t_end - t_old)
+        metrics = combine_ranks(b, metrics, gc.max_new_tokens)
         if gc.ref_reset_every and ref is not None and step % gc.ref_reset_every == 0:
-            from psyche.checkpoint import full_model_state
-
-            sd = full_model_state(policy)
-            ref.load_state_dict({k: v.to(compute_dtype) for k, v in sd.items()}, strict=False)
-            metrics["ref_reset"] = 1
+            with torch.no_grad(), dist.unsharded(policy):  # full parameters on every rank for the copy
+                current = dict(policy.named_parameters())
+                for name, p in ref.named_parameters():
+                    p.copy_(current[name].detach().to(p.device, p.dtype))
+        if metrics is not None:
+            n_tok = metrics["update_tokens"] // max(gc.ppo_epochs, 1)
+            metrics.update(tokens=n_tok, tok_per_s=n_tok / max(t_end - t0, 1e-9),
+                           ref_reset=int(bool(gc.ref_reset_every and step % gc.ref_reset_every == 0)))
         logger.log(step, metrics)
         if dist.is_main() and gc.dump_every and (step % gc.dump_every == 0 or step == 1):
             dump_rollouts(run_dir / "rollouts.jsonl", step, b)
         bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", refresh=False)
-        if step % cfg.log.every == 0 or step == total:
+        if metrics is not None:
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", refresh=False)
+        if metrics is not None and (step % cfg.log.every == 0 or step == total):
             write(step_line(metrics, step=step, total=total, elapsed=time.time() - t_start,
                             keys=("loss", "reward_mean", "accuracy", "zero_std_frac", "kl", "entropy",
                                   "response_length_mean", "clip_frac_high", "grad_norm", "logprob_gap",

@@ -14,8 +14,17 @@ import click
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Run config (TOML).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory.")
-def main(stage, config_path, overrides, out):
+@click.option("--sweep", "sweeps", multiple=True, metavar="SECTION.KEY=V1,V2,...",
+              help="Sweep a value over a list (repeat for a grid); sft/grpo only, see psyche/sweep.py.")
+@click.option("--seeds", default=None, metavar="N|S1,S2,...", help="Run each sweep cell with N seeds (or these).")
+@click.option("--print-commands", is_flag=True, help="With --sweep/--seeds: print torchrun commands, run nothing.")
+@click.option("--nproc", default=1, show_default=True, help="Processes per torchrun command (--print-commands).")
+def main(stage, config_path, overrides, out, sweeps, seeds, print_commands, nproc):
     """Train and evaluate Psyche-R1 style models."""
+    if sweeps or seeds:  # a grid of runs of one stage, each in its own directory
+        from psyche.sweep import sweep_main
+
+        return sweep_main(stage, config_path, overrides, out, sweeps, seeds, print_commands, nproc)
     if stage in ("sft", "grpo"):
         import os
 

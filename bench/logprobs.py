@@ -87,9 +87,14 @@ def main():
     ap.add_argument("--repeat", type=int, default=2,
                     help="rounds; each round runs every path once, in turn (a shared machine's load hits all paths "
                          "alike); the best time and the largest peak are reported")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (torch.set_num_threads); on a shared machine 1 is the fairest: OpenMP "
+                         "threads that wait for a descheduled sibling slow small ops down several times")
     ap.add_argument("--one", choices=["naive", "kernels", "reference"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.one:
         print(json.dumps(run_one(args)))
         return
@@ -113,7 +118,8 @@ def main():
         for p in paths:
             cmd = [sys.executable, __file__, "--one", p] + [f"--{k}={v}" for k, v in (
                 ("tokens", args.tokens), ("hidden", args.hidden), ("vocab", args.vocab),
-                ("temperature", args.temperature), ("device", args.device), ("dtype", args.dtype))]
+                ("temperature", args.temperature), ("device", args.device), ("dtype", args.dtype),
+                ("threads", torch.get_num_threads()))]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs[p].append(json.loads(out.strip().splitlines()[-1]))
     res = {p: {"peak": max(r["peak"] for r in rs), "grads": rs[0]["grads"], "time": min(r["time"] for r in rs),

@@ -1,6 +1,9 @@
 """psyche training entry point: `python train.py --stage sft|select|grpo|eval|all`.
 
-Stages arrive one issue at a time; with no stage given, the main job runs on the embedded default.
+With no --config, every stage belongs to the embedded default (psyche/recipe.py): the whole Psyche-R1 recipe in
+miniature, `all` by default; a stage whose inputs are missing runs the stages before it first. With --config,
+`--stage sft` and `--stage grpo` train on the config's data (psyche/sft.py, psyche/grpo_run.py), also under
+torchrun.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def main(stage, config_path, overrides, out, sweeps, seeds, print_commands, npro
         from psyche.sweep import sweep_main
 
         return sweep_main(stage, config_path, overrides, out, sweeps, seeds, print_commands, nproc)
-    if stage in ("sft", "grpo"):
+    if stage in ("sft", "grpo") and config_path is not None:
         import os
 
         from torch.distributed.elastic.multiprocessing.errors import record
@@ -46,24 +49,15 @@ def main(stage, config_path, overrides, out, sweeps, seeds, print_commands, npro
             raise click.ClickException(str(e)) from None
         return
 
-    import tempfile
-    from pathlib import Path
+    from psyche.config import ConfigError, load_run_config
+    from psyche.recipe import embedded_config, run_recipe
 
-    import torch
-
-    from psyche.weights import init_checkpoint, load_pretrained
-    from psyche.tokenizer import Tokenizer
-
-    out = Path(out or tempfile.mkdtemp(prefix="psyche-"))
-    ckpt = init_checkpoint(out / "init", "tiny", seed=0)
-    model, cfg = load_pretrained(ckpt)
-    tok = Tokenizer.from_dir(ckpt)
-    click.echo(f"tiny model: {cfg.num_params():,} parameters at {ckpt}")
-    ids = torch.tensor([tok.encode(tok.render_chat([{"role": "user", "content": "你好"}], True))])
-    with torch.no_grad():
-        for _ in range(8):
-            ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
-    click.echo(f"greedy sanity check: {ids.shape[1]} tokens, finite logits; decoded tail {tok.decode(ids[0, -8:])!r}")
+    try:
+        cfg = load_run_config(None, list(overrides) + ([f"run.out={_toml_str(out)}"] if out else []),
+                              cls=embedded_config)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    run_recipe(cfg, stage, log=click.echo)
 
 
 def _toml_str(s: str) -> str:

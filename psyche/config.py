@@ -285,7 +285,37 @@ class GRPOSection:
     reward_weights: list[float] = field(default_factory=lambda: [0.1, 1.0])
     exact_kl: bool = True  # log the full-vocabulary KL to the reference (one extra forward of each model)
     dump_every: int = 10  # steps between dumps of prompts/completions/rewards to rollouts.jsonl; 0: never
+    # psyche/diagnostics.py states what each of these costs
+    diagnostics: bool = False  # loss under every aggregation, entropy by position/advantage sign, KL estimators
+    #                            vs exact KL, RUN_DIR/pass_rates.jsonl
+    grad_split: bool = False  # gradient norm by loss term and by advantage sign (extra forward+backward passes)
+    replay_steps: list[int] = field(default_factory=list)  # dump these steps to RUN_DIR/replay/ (psyche replay)
+    replay_every: int = 0  # > 0: also dump every N steps
     optim: OptimSection = field(default_factory=_grpo_optim)
+
+
+@dataclass
+class RecipeSection:
+    """The embedded default (`python train.py`): the Psyche-R1 recipe in miniature on generated exam items.
+    See psyche/recipe.py for the stages."""
+
+    n_train: int = 4000  # generated training items, the four types in equal parts
+    n_test: int = 400  # held-out items (no fact combination shared with training)
+    seed_every: int = 2  # every k-th SFT-type training item is in the probe's seed set; the rest is the pool
+    vocab: int = 1024  # BPE vocabulary trained on the task's text
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    probe_steps: int = 1500  # SFT steps of the probe (the selector, and the start of the SFT model)
+    sft_steps: int = 300  # SFT steps on the non-challenge pool, from the probe
+    control_steps: int = 300  # extra SFT steps of the control: about GRPO's wall time, fixed for reproducibility
+    select_k: int = 1  # samples per pool item (the first greedy); an item is solved if any is correct
+    select_temperature: float = 1.0
+    grpo_mix: float = 0.25  # fraction of GRPO prompts drawn from the non-challenge pool (SFT-type items)
+    eval_batch: int = 200
+    max_new_tokens: int = 48
 
 
 @dataclass
@@ -298,6 +328,7 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
+    recipe: RecipeSection = field(default_factory=RecipeSection)
 
 
 def _type_name(tp) -> str:

@@ -203,14 +203,18 @@ class LossConfig:
     entropy_coef: float = 0.0
 
 
-def micro_loss(model, b: RolloutBatch, lc: LossConfig, n_tokens: float, n_seqs: float, loss_scale: float = 1.0):
+def micro_loss(model, b: RolloutBatch, lc: LossConfig, n_tokens: float, n_seqs: float, loss_scale: float = 1.0,
+               diag=None):
     """Forward one micro-batch, return (loss to backprop, detached terms and stats).
 
     loss = policy_loss + β·KL(agg) − entropy_coef·H(agg), every term aggregated with the mini-batch's global
     counts, so summing micro-batch losses gives the mini-batch loss exactly. `loss_scale` multiplies the
     backpropagated value (e.g. the world size when the data-parallel wrapper averages gradients over ranks).
+    diag: a psyche.diagnostics.StepDiagnostics that sees the per-token values (no extra forward).
     """
     lp, ent = sequence_logprobs(model, b, lc.temperature)
+    if diag is not None:
+        diag.observe(lp, ent, b, n_tokens, n_seqs)
     old = b.old_logp if b.old_logp is not None else lp.detach()
     agg = dict(norm_length=lc.norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
     pg, st = policy_loss(lp, old, b.advantages, b.mask, clip_low=lc.clip_low, clip_high=lc.clip_high,
@@ -234,13 +238,15 @@ def micro_loss(model, b: RolloutBatch, lc: LossConfig, n_tokens: float, n_seqs: 
 
 def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, *, mini_batch_rows: int, micro_batch: int,
                   epochs: int = 1, grad_clip: float = 1.0, loss_scale: float = 1.0, clip_fn=None,
-                  on_first_forward=None) -> dict:
+                  on_first_forward=None, diag=None) -> dict:
     """μ = `epochs` passes over the rollout; each pass splits it into mini-batches (one optimizer step each),
     each mini-batch into micro-batches (gradient accumulation). Returns averaged stats.
 
     clip_fn(parameters, max_norm) -> total norm: the clipping function (FSDP2-aware from psyche.dist).
     on_first_forward(rows, logp): called with the trainer's log-probs of each row the first time it is seen
     (epoch 0, before any update of this step when `old_logp` was recomputed), for the sampler-gap metric.
+    diag: a psyche.diagnostics.StepDiagnostics (counterfactual losses, entropy buckets, gradient split); its
+    metrics join the returned ones. It leaves the update itself unchanged.
     """
     clip_fn = clip_fn or torch.nn.utils.clip_grad_norm_
     N = batch.input_ids.shape[0]
@@ -256,7 +262,7 @@ def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, *, mini
             for s in range(0, len(rows), micro_batch):
                 mrows = rows[s:s + micro_batch]
                 b = batch.rows(mrows)
-                loss, terms, st, lp = micro_loss(model, b, lc, n_tok, n_seq, loss_scale)
+                loss, terms, st, lp = micro_loss(model, b, lc, n_tok, n_seq, loss_scale, diag)
                 loss.backward()
                 if epoch == 0 and on_first_forward is not None:
                     on_first_forward(mrows, b, lp)
@@ -273,6 +279,9 @@ def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, *, mini
                     else:
                         acc[k] = acc.get(k, 0.0) + v * w
                 weights += w
+            if diag is not None and diag.grad_split:  # extra passes; the accumulated .grad is put back
+                diag.split(model, batch, rows, micro_batch=micro_batch, n_tokens=n_tok, n_seqs=n_seq,
+                           loss_scale=loss_scale)
             gn = clip_fn(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
             acc["grad_norm"] = acc.get("grad_norm", 0.0) + float(gn)
             optimizer.step()
@@ -289,4 +298,6 @@ def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, *, mini
             out[k] = v / max(weights, 1)
     out["optimizer_steps"] = n_updates
     out["update_tokens"] = weights
+    if diag is not None:
+        out.update(diag.result(n_updates))
     return out

@@ -322,6 +322,66 @@ def test_triton_kernels_in_a_fresh_process():
     assert out.returncode == 0 and " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-6000:]
 
 
+_AOT = """
+import importlib
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+R, RO, S, L = (importlib.import_module("kernels." + m) for m in ("rmsnorm", "rotary", "swiglu", "logprobs"))
+FP32_PTRS = {"RSTD", "DW_PART", "PART", "LSE", "ENT", "DLOGP", "DENT"}
+SIZES = {"N", "M", "V", "C", "T"}  # upper-case but scalars
+
+
+def arg_type(a, dt, const):
+    if a in const:
+        return "constexpr"
+    if a in SIZES:
+        return "i32"
+    if a == "TGT":
+        return "*i64"
+    if a in FP32_PTRS:
+        return "*fp32"
+    if a.isupper():  # the other pointers
+        return "*" + dt
+    return "fp32" if a in ("eps", "inv_temp") else "i32"
+
+
+def compile(fn, dt, const, warps=4, stages=3):
+    sig = {a: arg_type(a, dt, const) for a in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+for dt in ("bf16", "fp32"):
+    dot = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_C=64, DOT_DTYPE=tl.bfloat16 if dt == "bf16" else tl.float32,
+               PREC="tf32" if dt == "bf16" else "ieee")
+    compile(L._logprobs_fwd_kernel, dt, dot, warps=8, stages=3 if dt == "bf16" else 2)
+    compile(L._logprobs_dz_kernel, dt, dot, warps=8, stages=3 if dt == "bf16" else 2)
+compile(R._rms_norm_fwd_kernel, "bf16", dict(BLOCK=4096), warps=8)
+compile(R._rms_norm_bwd_kernel, "bf16", dict(BLOCK=4096), warps=8)
+for inverse in (False, True):
+    compile(RO._rotary_kernel, "bf16", dict(HALF=64, BLOCK_HQ=32, BLOCK_HK=4, BLOCK_D=64, INVERSE=inverse))
+compile(S._swiglu_fwd_kernel, "bf16", dict(BLOCK=1024))
+compile(S._swiglu_bwd_kernel, "bf16", dict(BLOCK=1024))
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed (pip install triton)")
+def test_kernels_compile_for_a_gpu():
+    """The interpreter runs kernels as Python: it does not type-check them as the compiler does. Compile each
+    one for sm_90 (Triton's bundled ptxas, no GPU needed) with the launch settings used on CUDA."""
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset
+    out = subprocess.run([sys.executable, "-c", _AOT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-4000:]
+
+
 # ---------------------------------------------------------------------------------------------- memory
 
 _PEAK = """

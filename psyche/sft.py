@@ -30,7 +30,7 @@ import torch.nn as nn
 from psyche import dist
 from psyche.checkpoint import (export_hf, fault, latest_checkpoint, load_checkpoint, load_full_model_state,
                                read_safetensors_dir, save_checkpoint)
-from psyche.config import ModelConfig, RunConfig, config_diff, load_run_config, to_toml
+from psyche.config import ConfigError, ModelConfig, RunConfig, config_diff, load_run_config, to_toml
 from psyche.data import Batch, SFTBatches, load_messages, tokenize
 from psyche.metrics import MetricsLogger, step_line
 
@@ -187,7 +187,10 @@ def run_sft(cfg: RunConfig) -> Path:
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         if saved_cfg.is_file():
-            diff = config_diff(load_run_config(saved_cfg), cfg)
+            try:
+                diff = config_diff(load_run_config(saved_cfg, cls=type(cfg)), cfg)
+            except ConfigError as e:
+                diff = [f"(previous config unreadable: {e})"]
             if diff:
                 print("config differs from the run directory's previous config.toml:\n  " + "\n  ".join(diff))
         saved_cfg.write_text(to_toml(cfg))

@@ -35,9 +35,9 @@ def setup(tiny_ckpt):
     return tiny_ckpt, tok, samples
 
 
-def _train(init, samples, tok, *, micro, packing, steps=4, G=8):
+def _train(init, samples, tok, *, micro, packing, steps=4, G=8, **model_kw):
     torch.manual_seed(0)
-    model = build_model_for_training(init, CPU)
+    model = build_model_for_training(init, CPU, **model_kw)
     opt = build_optimizer(model, OptimSection(lr=1e-2))
     b = SFTBatches(samples, global_batch=G, micro_batch=micro, world_size=1, packing=packing, max_length=128,
                    pad_id=tok.pad_id, seed=0)
@@ -54,6 +54,15 @@ def test_accumulation_4x2_equals_micro_batch_8(setup, packing):
     torch.testing.assert_close(torch.tensor(acc), torch.tensor(big), atol=1e-6, rtol=0)
     for p, q in zip(m1.parameters(), m2.parameters()):  # Adam's m/sqrt(v) magnifies rounding where grad ~ 0
         torch.testing.assert_close(p, q, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(activation_checkpointing=True),
+                                pytest.param(dict(activation_checkpointing=True, compile=True), marks=pytest.mark.slow)])
+def test_activation_checkpointing_and_compile_change_nothing(setup, kw):
+    init, tok, samples = setup
+    plain, _ = _train(init, samples, tok, micro=4, packing=True, steps=3)
+    other, _ = _train(init, samples, tok, micro=4, packing=True, steps=3, **kw)
+    torch.testing.assert_close(torch.tensor(other), torch.tensor(plain), atol=1e-5, rtol=0)
 
 
 def _reference_nll(model, samples, i):

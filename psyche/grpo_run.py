@@ -21,6 +21,7 @@ from psyche import dist
 from psyche.checkpoint import fault, latest_checkpoint, load_checkpoint, save_checkpoint, export_hf
 from psyche.config import ModelConfig, RunConfig, config_diff, load_run_config, to_toml
 from psyche.data import DataError, format_mc_prompt, read_records
+from psyche.diagnostics import StepDiagnostics, kl_check, record_pass_rates, replay_due, save_logged, save_step_dump
 from psyche.grpo import (LossConfig, RolloutBatch, apply_truncation_mask, batched_logprobs, build_batch,
                          compute_advantages, exact_kl_tokens, reduce_scalar, kl_estimate, logprob_gap, rollout_stats, sequence_logprobs,
                          shape_rewards, update_policy, zero_std_groups)
@@ -356,7 +357,10 @@ def run_grpo(cfg: RunConfig) -> Path:
                 metrics.update(logprob_gap(b.sampler_logp, b.old_logp, b.mask))
             if ref is not None:
                 lp_pol = b.old_logp if b.old_logp is not None and gc.old_logprobs == "recompute" else None
-                if gc.exact_kl:
+                if gc.diagnostics:  # the exact KL and the k1/k2/k3 estimates of the same tokens
+                    with dist.unsharded(policy):
+                        metrics.update(kl_check(policy, ref, b, gc.temperature))
+                elif gc.exact_kl:
                     with dist.unsharded(policy):
                         ex = exact_kl_tokens(policy, ref, b, gc.temperature)
                     metrics["kl_exact"] = float(ex.mean()) if ex.numel() else 0.0
@@ -384,9 +388,13 @@ def run_grpo(cfg: RunConfig) -> Path:
                     first_pass.setdefault("kl", []).append(kl_estimate(lp[sub.mask], sub.ref_logp[sub.mask],
                                                                        gc.kl_kind))
 
-        upd = update_policy(policy, optimizer, b, lc, mini_batch_rows=(mini // world) * gc.group_size,
-                            micro_batch=gc.micro_batch, epochs=gc.ppo_epochs, grad_clip=gc.optim.grad_clip,
-                            clip_fn=dist.clip_grad_norm_, on_first_forward=on_first)
+        upd_kw = dict(mini_batch_rows=(mini // world) * gc.group_size, micro_batch=gc.micro_batch,
+                      epochs=gc.ppo_epochs, grad_clip=gc.optim.grad_clip)
+        dumped = (save_step_dump(run_dir, step, b, cfg=cfg, lc=lc, update_kw=upd_kw, model=policy, optimizer=optimizer,
+                                 scheduler=scheduler) if replay_due(gc, step) else None)
+        diag = StepDiagnostics(lc, grad_split=gc.grad_split) if gc.diagnostics or gc.grad_split else None
+        upd = update_policy(policy, optimizer, b, lc, **upd_kw, clip_fn=dist.clip_grad_norm_, on_first_forward=on_first,
+                            diag=diag)
         if "gap" in first_pass:
             sl = torch.cat([x[0][x[2]] for x in first_pass["gap"]])
             tl = torch.cat([x[1][x[2]] for x in first_pass["gap"]])
@@ -413,6 +421,10 @@ def run_grpo(cfg: RunConfig) -> Path:
             metrics.update(tokens=n_tok, tok_per_s=n_tok / max(t_end - t0, 1e-9),
                            ref_reset=int(bool(gc.ref_reset_every and step % gc.ref_reset_every == 0)))
         logger.log(step, metrics)
+        if gc.diagnostics:
+            record_pass_rates(run_dir, step, b)
+        if dumped is not None:
+            save_logged(dumped, metrics)
         if dist.is_main() and gc.dump_every and (step % gc.dump_every == 0 or step == 1):
             dump_rollouts(run_dir / "rollouts.jsonl", step, b)
         bar.update(1)

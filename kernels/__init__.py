@@ -7,6 +7,9 @@ psyche calls the functions below, one per op. Each picks:
 `PSYCHE_KERNELS=reference` forces the references everywhere; `PSYCHE_KERNELS=triton` forces the Triton
 kernels even on CPU (useful only under `TRITON_INTERPRET=1`, for tests). Nothing here fails to import
 when triton or flash-attn is missing.
+
+Every Triton op has its backward in Triton too (token_logprobs: for both the log-prob and the entropy), so
+the dispatch never has to fall back for training; the one exception is rotary with cos/sin that need grad.
 """
 
 from __future__ import annotations

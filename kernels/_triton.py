@@ -3,12 +3,11 @@
 `triton` and `tl` are None when triton is missing; each module then defines only its reference.
 
 On a CPU tensor a kernel can only run under `TRITON_INTERPRET=1`, which triton reads when `@triton.jit`
-runs, i.e. when this package is imported: set it before the first `import kernels`.
+runs: for triton.language's own helpers (tl.sum, ...) when triton is first imported, for ours when this
+package is. Set it before the first import of either.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -17,10 +16,6 @@ try:
     import triton.language as tl
 except Exception:  # not installed, or installed without a usable backend: the references still work
     triton = tl = None
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def dot_dtype(t: torch.Tensor):

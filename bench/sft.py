@@ -294,7 +294,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32768)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeat", type=int, default=3, help="rounds per measurement (best kept)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--samples", type=int, default=400)

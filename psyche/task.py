@@ -22,6 +22,13 @@ Every rationale (`Item.analysis`) spells out all sub-scores in one fixed format,
 score is in every SFT rationale but never asked as a question by an SFT type: GRPO, from the answer key alone, has
 to learn to surface a skill the SFT model already has (the design that worked in the prototypes).
 
+The rationale then goes through the options, one line each exactly as the prompt writes them, and marks with √
+the one(s) that agree with the reasoning ("\nA.6分\nB.5分\nC.7分√\nD.8分"). Without it, the only place a tiny
+model meets the option letters is one answer token per sample: the letter lookup then took more than 2,000 SFT
+steps (batch 16) to leave chance while the sub-scores were right after 750; with the walk, each sample trains
+several copy-and-compare steps and accuracy leaves chance within ~500 steps. The lines are written like the
+prompt's option lines so that they tokenize to the same tokens.
+
 Splits are disjoint by the case's *facts*: the triple (duration phrase, distress phrase, social phrase) that
 decides every answer. Within each score triple the fact keys are ranked by a seeded hash and a `holdout` share
 (at least one) goes to test, so a test vignette never states, in training, the same combination of decisive
@@ -178,6 +185,11 @@ def _statement(topic: str, case: Case, true: bool, rng: random.Random) -> str:
     return f"属于{lvl if true else rng.choice([v for v in LEVELS if v != lvl])}"
 
 
+def option_walk(options: dict[str, str], gold: str) -> str:
+    """The options again, one per line as in the prompt, the gold one(s) marked with √."""
+    return "".join(f"\n{k}.{v}" + ("√" if k in gold else "") for k, v in options.items())
+
+
 def make_item(case: Case, item_type: str, gold: str, rng: random.Random, item_id: str) -> Item:
     """One item of `item_type` about `case`, its gold answer being the letters `gold`."""
     analysis = rationale(case)
@@ -195,9 +207,9 @@ def make_item(case: Case, item_type: str, gold: str, rng: random.Random, item_id
         topics = ["course", "distress", "total", "level"]
         rng.shuffle(topics)
         options = {k: _statement(tp, case, k in gold, rng) for k, tp in zip(LETTERS, topics)}
-        analysis += "，".join(f"{k}{'对' if k in gold else '错'}" for k in LETTERS) + "。"
     else:
         raise ValueError(f"unknown item type {item_type!r}; choose from {', '.join(TYPES)}")
+    analysis += option_walk(options, gold)
     return Item(item_id, "case", "multiple" if len(gold) > 1 else "single", QUESTIONS[item_type], options, gold,
                 analysis, case_text=case.text, subject=item_type, ref=case.key)
 

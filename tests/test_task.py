@@ -81,8 +81,9 @@ def test_answers_and_rationales_follow_from_the_text(splits):
     for it in splits[0] + splits[1]:
         scores = parse_case(it.case_text)
         total = sum(scores)
-        sub = [int(x) for x in re.findall(r"评(\d)分", it.analysis)]
-        m = re.search(r"总分(\d)分，为(\S+?)。", it.analysis)
+        reasoning = it.analysis.split("\n")[0]  # the scoring line; the option lines follow
+        sub = [int(x) for x in re.findall(r"评(\d)分", reasoning)]
+        m = re.search(r"总分(\d)分，为(\S+?)。", reasoning)
         assert sub == list(scores) and int(m[1]) == total and m[2] == level(total), it
         kind = item_type_of(it)
         if kind == "total":
@@ -94,7 +95,9 @@ def test_answers_and_rationales_follow_from_the_text(splits):
         else:
             truth = "".join(k for k, v in it.options.items() if statement_holds(v, scores, total))
             assert truth == it.answer and 2 <= len(truth) <= 3
-            assert it.analysis.endswith("，".join(f"{k}{'对' if k in truth else '错'}" for k in "ABCD") + "。")
+        # the rationale ends with the option lines, the gold ones marked
+        assert it.analysis.endswith("".join(f"\n{k}.{v}" + ("√" if k in it.answer else "")
+                                            for k, v in it.options.items()))
         assert len(set(it.options.values())) == 4 and list(it.options) == list("ABCD")
         assert it.qtype == ("multiple" if kind == "statements" else "single")
 
@@ -128,7 +131,7 @@ def test_messages_and_think_format(splits):
         assert it.case_text in user and it.question in user
         assert all(f"{k}.{v}" in user for k, v in it.options.items())
         reply = msgs[1]["content"]
-        assert re.fullmatch(r"<think>[^<>]+</think>[A-D]{1,3}", reply)
+        assert re.fullmatch(r"<think>[^<>]+</think>[A-D]{1,3}", reply, re.S)
         assert reply == f"<think>{it.analysis}</think>{it.answer}"
         assert extract_answer(reply, it.qtype) == it.answer
     # the PCEB scorer and prompt builder take the items as they are

@@ -284,6 +284,7 @@ class GRPOSection:
     rewards: list[str] = field(default_factory=lambda: ["format", "accuracy"])  # psyche.rewards.REGISTRY names
     reward_weights: list[float] = field(default_factory=lambda: [0.1, 1.0])
     exact_kl: bool = True  # log the full-vocabulary KL to the reference (one extra forward of each model)
+    exact_kl_rows: int = 0  # > 0: compute it on the first N rows of each step only (a cheaper sample); 0: all
     dump_every: int = 10  # steps between dumps of prompts/completions/rewards to rollouts.jsonl; 0: never
     # psyche/diagnostics.py states what each of these costs
     diagnostics: bool = False  # loss under every aggregation, entropy by position/advantage sign, KL estimators
@@ -315,7 +316,7 @@ class RecipeSection:
     select_temperature: float = 1.0
     grpo_mix: float = 0.25  # fraction of GRPO prompts drawn from the non-challenge pool (SFT-type items)
     eval_batch: int = 200
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
 
 
 @dataclass

@@ -362,7 +362,8 @@ def run_grpo(cfg: RunConfig) -> Path:
                         metrics.update(kl_check(policy, ref, b, gc.temperature))
                 elif gc.exact_kl:
                     with dist.unsharded(policy):
-                        ex = exact_kl_tokens(policy, ref, b, gc.temperature)
+                        rows = list(range(min(len(b.lengths), gc.exact_kl_rows or len(b.lengths))))
+                        ex = exact_kl_tokens(policy, ref, b.rows(rows), gc.temperature)
                     metrics["kl_exact"] = float(ex.mean()) if ex.numel() else 0.0
                 if lp_pol is not None:
                     metrics["kl"] = float(kl_estimate(lp_pol[b.mask], b.ref_logp[b.mask], gc.kl_kind).mean())

@@ -195,7 +195,9 @@ def make_item(case: Case, item_type: str, gold: str, rng: random.Random, item_id
     analysis = rationale(case)
     if item_type == "total":
         t = case.total
-        pool = [v for v in range(max(3, t - 3), min(9, t + 3) + 1) if v != t]
+        # distractors may go below the smallest possible total (3): the option values then span 0-9, so the
+        # option lines SFT copies include the digits the challenge type's options use (0-3)
+        pool = [v for v in range(max(0, t - 4), min(9, t + 3) + 1) if v != t]
         options = _place(rng, f"{t}分", [f"{v}分" for v in rng.sample(pool, 3)], gold)
     elif item_type == "level":
         lvl = level_of(case.total)

@@ -18,7 +18,8 @@ Switches (grpo section) and what each costs on top of a normal step:
     grad_split_residual           sign (adv_pos, adv_neg, adv_zero); each split sums to the total gradient. One
                                   extra forward + backward of every micro-batch per part: up to 6 parts, i.e.
                                   up to 7x the update's compute (parts that are zero by the config are skipped);
-                                  memory: two extra gradient-sized buffers.
+                                  memory: two extra gradient-sized buffers. Also logs the free in-update values
+                                  above (loss/<mode>, entropy/...).
   replay_steps = [k, ...] / replay_every = N
     RUN_DIR/replay/step_XXXX/     the step's rollout batch, loss settings and a checkpoint (model, optimizer,
                                   scheduler, RNG) taken before the update; `psyche replay` recomputes it.

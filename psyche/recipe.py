@@ -190,7 +190,11 @@ def stage_select(cfg: RunConfig, out: Path, log) -> dict:
                 wrong_everywhere[it.id] = False
     challenge = [it for it in pool if wrong_everywhere[it.id]]
     non_challenge = [it for it in pool if not wrong_everywhere[it.id]]
-    balanced = balance(challenge, seed=cfg.run.seed)
+    # within each type, every gold answer equally often (a pool of failures inherits the selector's letter
+    # bias, and GRPO would learn the bias); the types keep their share of the failures
+    balanced = [it for t in ("total", "level", "statements", "social")
+                for it in (balance([x for x in challenge if item_type_of(x) == t], seed=cfg.run.seed)
+                           if any(item_type_of(x) == t for x in challenge) else [])]
     mix = [it for it in non_challenge if item_type_of(it) in SFT_TYPES]
     n_mix = min(len(mix), round(rc.grpo_mix * len(balanced) / max(1e-9, 1 - rc.grpo_mix)))
     import random

@@ -190,3 +190,42 @@ def test_pass_rates_file(tmp_path, batch):
     assert all(json.loads(line) for line in (tmp_path / "pass_rates.jsonl").read_text().splitlines())
     b.reward_parts = {"format": torch.zeros(12)}
     assert pass_counts(b) == {}
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_diagnostics_and_replay_two_ranks_equal_one_rank(tmp_path, tiny_ckpt):
+    """Under torchrun (2 ranks, FSDP2, gloo) the diagnostics are the global ones: equal to a 1-rank run of the same
+    global batch; a 2-rank step dump replays in one process up to summation order."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from psyche.analysis import replay
+    from psyche.metrics import read_metrics
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    root = Path(__file__).resolve().parents[1]
+    sets = ["log.progress=false", "grpo.steps=2", "grpo.prompts_per_step=4", "grpo.mini_batch=2", "grpo.micro_batch=4",
+            "grpo.max_new_tokens=8", "grpo.entropy_coef=0.01", "grpo.diagnostics=true", "grpo.grad_split=true",
+            "grpo.replay_steps=[2]", "checkpoint.every=0", "checkpoint.export=false", f'model.init="{tiny_ckpt}"']
+    args = ["train.py", "--stage", "grpo", "--config", str(root / "configs" / "tiny-grpo.toml"),
+            *[a for s in sets for a in ("--set", s)]]
+    for out, launcher in (("one", [sys.executable]), ("two", ["torchrun", "--nproc_per_node=2", "--master_port=29541"])):
+        r = subprocess.run(launcher + args + ["--out", str(tmp_path / out)], cwd=root, capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    keys = [k for k in one[0] if k.startswith(("loss/", "pg_loss/", "grad_norm/", "entropy/", "kl_"))]
+    assert len(keys) > 20
+    for a, b in zip(one, two):
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+        assert b["grad_split_residual"] < 1e-5
+    assert (tmp_path / "one" / "pass_rates.jsonl").read_text() == (tmp_path / "two" / "pass_rates.jsonl").read_text()
+    rep = replay(tmp_path / "two" / "replay" / "step_0002")
+    assert rep["world_size"] == 2 and rep["rows"] == 16
+    assert rep["replayed"]["loss"] == pytest.approx(two[1]["loss"], rel=1e-5, abs=1e-7)
+    assert rep["replayed"]["grad_norm"] == pytest.approx(two[1]["grad_norm"], rel=1e-4)

@@ -22,12 +22,14 @@ Every rationale (`Item.analysis`) spells out all sub-scores in one fixed format,
 score is in every SFT rationale but never asked as a question by an SFT type: GRPO, from the answer key alone, has
 to learn to surface a skill the SFT model already has (the design that worked in the prototypes).
 
-The rationale then goes through the options, one line each exactly as the prompt writes them, and marks with √
-the one(s) that agree with the reasoning ("\nA.6分\nB.5分\nC.7分√\nD.8分"). Without it, the only place a tiny
-model meets the option letters is one answer token per sample: the letter lookup then took more than 2,000 SFT
-steps (batch 16) to leave chance while the sub-scores were right after 750; with the walk, each sample trains
-several copy-and-compare steps and accuracy leaves chance within ~500 steps. The lines are written like the
-prompt's option lines so that they tokenize to the same tokens.
+The rationale then goes through the options, one line each exactly as the prompt writes them, followed by what
+the rationale says on that option's topic, and marks with √ the one(s) that agree ("\nA.6分，应为7分\nB.7分，应为7分√").
+What was measured on 2 cores (hidden 128, 4 layers, batch 16, lr 3e-3, SFT-type items): with the answer letter
+right after the rationale, the letter stayed at chance past 2,000 steps while the sub-scores were right after 750;
+with option lines marked √ but no stated reference, accuracy crept to ~0.6 by 1,750 steps (the √ needs an equality
+test between an option and a number far back); with the reference written next to each option the comparison is
+local, and accuracy jumps between 2,000 and 2,500 steps to total 0.95-1.0, level 0.85-0.93, statements 0.5-0.7
+(3,000 steps). The lines are written like the prompt's option lines so that they tokenize to the same tokens.
 
 Splits are disjoint by the case's *facts*: the triple (duration phrase, distress phrase, social phrase) that
 decides every answer. Within each score triple the fact keys are ranked by a seeded hash and a `holdout` share
@@ -185,9 +187,10 @@ def _statement(topic: str, case: Case, true: bool, rng: random.Random) -> str:
     return f"属于{lvl if true else rng.choice([v for v in LEVELS if v != lvl])}"
 
 
-def option_walk(options: dict[str, str], gold: str) -> str:
-    """The options again, one per line as in the prompt, the gold one(s) marked with √."""
-    return "".join(f"\n{k}.{v}" + ("√" if k in gold else "") for k, v in options.items())
+def option_walk(options: dict[str, str], gold: str, refs: dict[str, str]) -> str:
+    """The options again, one per line as in the prompt, each followed by what the rationale says on the option's
+    topic, the gold one(s) marked with √ ("\nA.5分，应为3分\nB.3分，应为3分√")."""
+    return "".join(f"\n{k}.{v}，应为{refs[k]}" + ("√" if k in gold else "") for k, v in options.items())
 
 
 def make_item(case: Case, item_type: str, gold: str, rng: random.Random, item_id: str) -> Item:
@@ -211,7 +214,14 @@ def make_item(case: Case, item_type: str, gold: str, rng: random.Random, item_id
         options = {k: _statement(tp, case, k in gold, rng) for k, tp in zip(LETTERS, topics)}
     else:
         raise ValueError(f"unknown item type {item_type!r}; choose from {', '.join(TYPES)}")
-    analysis += option_walk(options, gold)
+    if item_type == "statements":
+        c, d, _ = case.scores
+        truth = {"course": f"{c}分", "distress": f"{d}分", "total": f"{case.total}分", "level": level_of(case.total)}
+        refs = {k: truth[tp] for k, tp in zip(LETTERS, topics)}
+    else:
+        truth = {"total": f"{case.total}分", "level": level_of(case.total), "social": f"{case.scores[2]}分"}
+        refs = {k: truth[item_type] for k in LETTERS}
+    analysis += option_walk(options, gold, refs)
     return Item(item_id, "case", "multiple" if len(gold) > 1 else "single", QUESTIONS[item_type], options, gold,
                 analysis, case_text=case.text, subject=item_type, ref=case.key)
 

@@ -95,9 +95,24 @@ def test_answers_and_rationales_follow_from_the_text(splits):
         else:
             truth = "".join(k for k, v in it.options.items() if statement_holds(v, scores, total))
             assert truth == it.answer and 2 <= len(truth) <= 3
-        # the rationale ends with the option lines, the gold ones marked
-        assert it.analysis.endswith("".join(f"\n{k}.{v}" + ("√" if k in it.answer else "")
-                                            for k, v in it.options.items()))
+        # the rationale ends with the option lines, each with the reference value the rationale gives for its
+        # topic, the gold ones marked; an option agrees with its reference exactly when it is gold
+        walk = it.analysis.split("为" + level(total) + "。", 1)[1]
+        lines = walk.split("\n")[1:]
+        assert [ln.split(".", 1)[0] for ln in lines] == list("ABCD")
+        for ln in lines:
+            k, rest = ln.split(".", 1)
+            opt, ref = rest.rstrip("√").split("，应为")
+            assert opt == it.options[k] and ln.endswith("√") == (k in it.answer)
+            if kind == "statements":
+                said = opt[2:] if opt.startswith("属于") else re.search(r"\d分", opt).group()
+                assert (said == ref) == (k in it.answer)
+                expect = (level(total) if opt.startswith("属于") else f"{total}分" if opt.startswith("总分")
+                          else f"{scores[0 if opt.startswith('病程') else 1]}分")
+            else:
+                assert (opt == ref) == (k in it.answer)
+                expect = {"total": f"{total}分", "level": level(total), "social": f"{scores[2]}分"}[kind]
+            assert ref == expect, (ln, it.analysis)
         assert len(set(it.options.values())) == 4 and list(it.options) == list("ABCD")
         assert it.qtype == ("multiple" if kind == "statements" else "single")
 
@@ -163,8 +178,8 @@ def test_type_helpers_and_balance(splits):
 def test_token_lengths_within_budget(vocab, splits):
     tok = train_tokenizer(tokenizer_corpus(0, n=800), vocab_size=vocab)
     stats = token_lengths(splits[1], tok)
-    assert stats["total_max"] < 200, stats
-    if vocab == 1024:  # the task's phrases become one or two tokens
-        assert stats["total_max"] < 100, stats
+    assert stats["total_max"] < 220, stats
+    if vocab == 1024:  # the task's phrases become one or two tokens; the embedded default's max_length is 160
+        assert stats["total_max"] < 120, stats
         for phrase in list(DISTRESS_PHRASES) + list(SOCIAL_PHRASES):  # in context: after 。 or ，
             assert max(len(tok.encode(sep + phrase)) for sep in "。，") <= 2, phrase

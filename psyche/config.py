@@ -309,9 +309,9 @@ class RecipeSection:
     layers: int = 4
     heads: int = 4
     kv_heads: int = 2
-    probe_steps: int = 1500  # SFT steps of the probe (the selector, and the start of the SFT model)
-    sft_steps: int = 300  # SFT steps on the non-challenge pool, from the probe
-    control_steps: int = 300  # extra SFT steps of the control: about GRPO's wall time, fixed for reproducibility
+    probe_steps: int = 2100  # SFT steps of the probe (the selector, and the start of the SFT model)
+    sft_steps: int = 200  # SFT steps on the non-challenge pool, from the probe
+    control_steps: int = 550  # extra SFT steps of the control: about GRPO's wall time, fixed for reproducibility
     select_k: int = 1  # samples per pool item (the first greedy); an item is solved if any is correct
     select_temperature: float = 1.0
     grpo_mix: float = 0.25  # fraction of GRPO prompts drawn from the non-challenge pool (SFT-type items)

@@ -49,12 +49,12 @@ def embedded_config() -> RunConfig:
     cfg.checkpoint.every, cfg.checkpoint.keep_last = 0, 1
     cfg.log.every = 100
     g = cfg.grpo
-    g.prompt_style, g.prompts_per_step, g.group_size, g.mini_batch, g.micro_batch = "plain", 32, 8, 0, 64
-    g.temperature, g.max_new_tokens, g.max_prompt_length = 2.0, 64, 256
+    g.prompt_style, g.prompts_per_step, g.group_size, g.mini_batch, g.micro_batch = "plain", 16, 8, 0, 64
+    g.temperature, g.max_new_tokens, g.max_prompt_length = 1.6, 64, 256
     g.kl_coef, g.loss_agg, g.truncation, g.dump_every = 0.02, "token-mean", "zero", 5
     g.rewards, g.reward_weights = ["format", "accuracy"], [0.1, 1.0]
     g.optim.lr, g.optim.warmup_steps, g.optim.schedule = 3e-4, 2, "constant"
-    g.steps, g.exact_kl, g.exact_kl_rows = 30, True, 32
+    g.steps, g.exact_kl, g.exact_kl_rows = 25, True, 32
     return cfg
 
 

@@ -21,6 +21,7 @@ COMMANDS = {
     "plot": "psyche.analysis:plot_cmd",
     "compare": "psyche.analysis:compare_cmd",
     "replay": "psyche.analysis:replay_cmd",
+    "task-eval": "psyche.recipe:task_eval_cmd",
 }
 
 

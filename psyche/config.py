@@ -309,8 +309,10 @@ class RecipeSection:
     layers: int = 4
     heads: int = 4
     kv_heads: int = 2
-    probe_steps: int = 2100  # SFT steps of the probe (the selector, and the start of the SFT model)
+    probe_steps: int = 2500  # SFT steps of the probe (the selector, and the start of the SFT model)
     sft_steps: int = 200  # SFT steps on the non-challenge pool, from the probe
+    sft_lr: float = 3e-4  # peak lr of the SFT and control stages, which continue from trained weights (optim.lr is
+    #                       the probe's, from scratch): a restart at the probe's 3e-3 undid part of what it learned
     control_steps: int = 550  # extra SFT steps of the control: about GRPO's wall time, fixed for reproducibility
     select_k: int = 1  # samples per pool item (the first greedy); an item is solved if any is correct
     select_temperature: float = 1.0

@@ -27,6 +27,7 @@ import json
 import time
 from pathlib import Path
 
+import click
 import torch
 
 from psyche.config import ModelConfig, RunConfig
@@ -129,11 +130,13 @@ def stage_data(cfg: RunConfig, out: Path, log) -> dict:
     return summary
 
 
-def _sft_config(cfg: RunConfig, out: Path, init: Path, data: Path, steps: int) -> RunConfig:
+def _sft_config(cfg: RunConfig, out: Path, init: Path, data: Path, steps: int, lr: float | None = None) -> RunConfig:
     c = copy.deepcopy(cfg)
     c.run.out, c.model.init = str(out), str(init)
     c.data.paths, c.data.format = [str(data)], "messages"
     c.sft.max_steps = steps
+    if lr is not None:
+        c.optim.lr = lr
     return c
 
 
@@ -223,7 +226,7 @@ def _letters(items):
 
 def stage_sft(cfg: RunConfig, out: Path, log) -> float:
     d = out / "data"
-    c = _sft_config(cfg, out / "sft", out / "probe" / "hf", d / "sft.jsonl", cfg.recipe.sft_steps)
+    c = _sft_config(cfg, out / "sft", out / "probe" / "hf", d / "sft.jsonl", cfg.recipe.sft_steps, cfg.recipe.sft_lr)
     return run_sft_quiet(c, log)
 
 
@@ -241,7 +244,8 @@ def stage_grpo(cfg: RunConfig, out: Path, log) -> float:
 
 
 def stage_control(cfg: RunConfig, out: Path, log) -> float:
-    c = _sft_config(cfg, out / "control", out / "sft" / "hf", out / "data" / "sft.jsonl", cfg.recipe.control_steps)
+    c = _sft_config(cfg, out / "control", out / "sft" / "hf", out / "data" / "sft.jsonl", cfg.recipe.control_steps,
+                    cfg.recipe.sft_lr)
     return run_sft_quiet(c, log)
 
 
@@ -302,12 +306,14 @@ ROW_NAMES = {"base": "base (random init)", "sft": "SFT", "control": "SFT + more 
              "grpo": "SFT + GRPO"}
 
 
-def report_table(report: dict) -> str:
+def report_table(report: dict, names: dict | None = None) -> str:
+    """The Markdown table of `report` ({model: metrics}): the four recipe rows in order, or every key of
+    `report` in its own order with the labels in `names`."""
     lines = ["| model | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for name in MODELS:
+    for name in (MODELS if names is None else report):
         if name in report:
             cells = [f"{report[name][k]:.1f}" for _, k in COLUMNS]
-            lines.append(f"| {ROW_NAMES[name]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {(ROW_NAMES if names is None else names)[name]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -385,3 +391,19 @@ def run_recipe(cfg: RunConfig, stage: str = "all", log=print) -> dict | None:
     log("\n" + table)
     log(f"report: {out / 'report.json'}, {out / 'report.md'}; plots: {', '.join(str(p) for p in plots)}")
     return report_json
+
+
+@click.command("task-eval")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the metrics here.")
+def task_eval_cmd(run_dir, models, json_out):
+    """Score checkpoints (e.g. the hf/ of sweep runs) on the embedded default's held-out test set
+    (RUN_DIR/data/test.jsonl), greedy, with the report's columns."""
+    from psyche.config import RecipeSection
+
+    items = read_items(Path(run_dir) / "data" / "test.jsonl")
+    report = {m: evaluate_model(Path(m), items, RecipeSection())[0] for m in models}
+    click.echo(report_table(report, names={m: m for m in models}), nl=False)
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")

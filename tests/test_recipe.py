@@ -61,3 +61,16 @@ def test_rerun_resumes_and_same_seed_gives_the_same_table(run, tmp_path):
     b = json.loads((fresh / "report.json").read_text())
     for name in ("base", "sft", "control", "grpo"):
         assert a[name] == b[name], name
+
+
+def test_task_eval_scores_a_checkpoint_as_the_report_does(run, tmp_path):
+    from click.testing import CliRunner
+
+    from psyche.recipe import task_eval_cmd
+
+    out, _ = run
+    res = CliRunner().invoke(task_eval_cmd, [str(out), str(out / "sft" / "hf"), "--json", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "m.json").read_text())[str(out / "sft" / "hf")]
+    assert got == json.loads((out / "report.json").read_text())["sft"]
+    assert str(out / "sft" / "hf") in res.output and res.output.count("\n") == 3

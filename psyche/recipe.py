@@ -396,14 +396,17 @@ def run_recipe(cfg: RunConfig, stage: str = "all", log=print) -> dict | None:
 @click.command("task-eval")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--max-new-tokens", default=64, show_default=True, help="As recipe.max_new_tokens of the run.")
+@click.option("--batch-size", default=200, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the metrics here.")
-def task_eval_cmd(run_dir, models, json_out):
+def task_eval_cmd(run_dir, models, max_new_tokens, batch_size, json_out):
     """Score checkpoints (e.g. the hf/ of sweep runs) on the embedded default's held-out test set
     (RUN_DIR/data/test.jsonl), greedy, with the report's columns."""
     from psyche.config import RecipeSection
 
     items = read_items(Path(run_dir) / "data" / "test.jsonl")
-    report = {m: evaluate_model(Path(m), items, RecipeSection())[0] for m in models}
+    rc = RecipeSection(max_new_tokens=max_new_tokens, eval_batch=batch_size)
+    report = {m: evaluate_model(Path(m), items, rc)[0] for m in models}
     click.echo(report_table(report, names={m: m for m in models}), nl=False)
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2) + "\n")

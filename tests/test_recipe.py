@@ -69,7 +69,8 @@ def test_task_eval_scores_a_checkpoint_as_the_report_does(run, tmp_path):
     from psyche.recipe import task_eval_cmd
 
     out, _ = run
-    res = CliRunner().invoke(task_eval_cmd, [str(out), str(out / "sft" / "hf"), "--json", str(tmp_path / "m.json")])
+    res = CliRunner().invoke(task_eval_cmd, [str(out), str(out / "sft" / "hf"), "--max-new-tokens", "20",
+                                           "--json", str(tmp_path / "m.json")])
     assert res.exit_code == 0, res.output
     got = json.loads((tmp_path / "m.json").read_text())[str(out / "sft" / "hf")]
     assert got == json.loads((out / "report.json").read_text())["sft"]

@@ -298,8 +298,8 @@ def record_pass_rates(run_dir, step: int, b, key: str = "accuracy"):
             m = merged.setdefault(pid, [0, 0])
             m[0] += h
             m[1] += n
-    with open(Path(run_dir) / PASS_RATES, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": step, "pass_rate": {k: h / n for k, (h, n) in merged.items()}},
+    with open(Path(run_dir) / PASS_RATES, "a", encoding="utf-8") as f:  # ids sorted: the same file for any world size
+        f.write(json.dumps({"step": step, "pass_rate": {k: merged[k][0] / merged[k][1] for k in sorted(merged)}},
                            ensure_ascii=False) + "\n")
 
 

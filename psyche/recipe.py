@@ -6,7 +6,8 @@
     select   the selector answers every pool item; items it fails go to the challenge pool (GRPO), the rest
              to the non-challenge pool (SFT), as in the seed; the challenge pool is balanced by type and gold
              letter (a pool of failures inherits the selector's letter bias)
-    sft      SFT continues from the probe on all non-challenge data (the seed set and the non-challenge pool)
+    sft      SFT continues from the probe on all non-challenge data (the seed set and the non-challenge pool), at
+             recipe.sft_lr (a tenth of the probe's lr: restarting at the probe's undid part of what it had learned)
     grpo     GRPO from the SFT model on the challenge pool, with non-challenge prompts mixed in and a KL term to
              the SFT model (both guard the SFT-type skills against being rewritten)
     control  the SFT model trained further on SFT data for about GRPO's wall time (a fixed step count, so the
@@ -404,7 +405,10 @@ def task_eval_cmd(run_dir, models, max_new_tokens, batch_size, json_out):
     (RUN_DIR/data/test.jsonl), greedy, with the report's columns."""
     from psyche.config import RecipeSection
 
-    items = read_items(Path(run_dir) / "data" / "test.jsonl")
+    test = Path(run_dir) / "data" / "test.jsonl"
+    if not test.is_file():
+        raise click.ClickException(f"{test}: no test set; RUN_DIR must be a run of `python train.py`")
+    items = read_items(test)
     rc = RecipeSection(max_new_tokens=max_new_tokens, eval_batch=batch_size)
     report = {m: evaluate_model(Path(m), items, rc)[0] for m in models}
     click.echo(report_table(report, names={m: m for m in models}), nl=False)

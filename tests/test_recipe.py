@@ -75,3 +75,5 @@ def test_task_eval_scores_a_checkpoint_as_the_report_does(run, tmp_path):
     got = json.loads((tmp_path / "m.json").read_text())[str(out / "sft" / "hf")]
     assert got == json.loads((out / "report.json").read_text())["sft"]
     assert str(out / "sft" / "hf") in res.output and res.output.count("\n") == 3
+    bad = CliRunner().invoke(task_eval_cmd, [str(tmp_path), str(out / "sft" / "hf")])
+    assert bad.exit_code != 0 and "no test set" in bad.output and str(tmp_path) in bad.output

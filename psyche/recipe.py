@@ -34,8 +34,8 @@ import torch
 from psyche.config import ModelConfig, RunConfig
 from psyche.evaluate import credit, extract_answer
 from psyche.pceb import Item
-from psyche.task import (SFT_TYPES, balance, item_to_sft_messages, item_type_of, make_splits, task_prompt,
-                         tokenizer_corpus)
+from psyche.task import (SFT_TYPES, balance, group_by_type, item_to_sft_messages, item_type_of, make_splits,
+                         task_prompt, tokenizer_corpus)
 
 MODELS = ("base", "sft", "control", "grpo")
 
@@ -196,9 +196,7 @@ def stage_select(cfg: RunConfig, out: Path, log) -> dict:
     non_challenge = [it for it in pool if not wrong_everywhere[it.id]]
     # within each type, every gold answer equally often (a pool of failures inherits the selector's letter
     # bias, and GRPO would learn the bias); the types keep their share of the failures
-    balanced = [it for t in ("total", "level", "statements", "social")
-                for it in (balance([x for x in challenge if item_type_of(x) == t], seed=cfg.run.seed)
-                           if any(item_type_of(x) == t for x in challenge) else [])]
+    balanced = [it for group in group_by_type(challenge).values() for it in balance(group, seed=cfg.run.seed)]
     mix = [it for it in non_challenge if item_type_of(it) in SFT_TYPES]
     n_mix = min(len(mix), round(rc.grpo_mix * len(balanced) / max(1e-9, 1 - rc.grpo_mix)))
     import random
@@ -308,13 +306,12 @@ ROW_NAMES = {"base": "base (random init)", "sft": "SFT", "control": "SFT + more 
 
 
 def report_table(report: dict, names: dict | None = None) -> str:
-    """The Markdown table of `report` ({model: metrics}): the four recipe rows in order, or every key of
-    `report` in its own order with the labels in `names`."""
+    """The Markdown table of `report` ({model: metrics}): the rows `names` ({model: label}) in order, by default
+    the four recipe models."""
     lines = ["| model | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for name in (MODELS if names is None else report):
+    for name, label in (names or {m: ROW_NAMES[m] for m in MODELS}).items():
         if name in report:
-            cells = [f"{report[name][k]:.1f}" for _, k in COLUMNS]
-            lines.append(f"| {(ROW_NAMES if names is None else names)[name]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | " + " | ".join(f"{report[name][k]:.1f}" for _, k in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 

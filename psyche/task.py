@@ -196,31 +196,29 @@ def option_walk(options: dict[str, str], gold: str, refs: dict[str, str]) -> str
 def make_item(case: Case, item_type: str, gold: str, rng: random.Random, item_id: str) -> Item:
     """One item of `item_type` about `case`, its gold answer being the letters `gold`."""
     analysis = rationale(case)
+    c, d, s = case.scores
     if item_type == "total":
         t = case.total
         # distractors may go below the smallest possible total (3): the option values then span 0-9, so the
         # option lines SFT copies include the digits the challenge type's options use (0-3)
         pool = [v for v in range(max(0, t - 4), min(9, t + 3) + 1) if v != t]
         options = _place(rng, f"{t}分", [f"{v}分" for v in rng.sample(pool, 3)], gold)
+        refs = dict.fromkeys(LETTERS, f"{t}分")
     elif item_type == "level":
         lvl = level_of(case.total)
         options = _place(rng, lvl, [v for v in LEVELS if v != lvl] + [LEVEL_DISTRACTOR], gold)
+        refs = dict.fromkeys(LETTERS, lvl)
     elif item_type == "social":
-        s = case.scores[2]
         options = _place(rng, f"{s}分", [f"{v}分" for v in (0, 1, 2, 3) if v != s], gold)
+        refs = dict.fromkeys(LETTERS, f"{s}分")
     elif item_type == "statements":
         topics = ["course", "distress", "total", "level"]
         rng.shuffle(topics)
         options = {k: _statement(tp, case, k in gold, rng) for k, tp in zip(LETTERS, topics)}
-    else:
-        raise ValueError(f"unknown item type {item_type!r}; choose from {', '.join(TYPES)}")
-    if item_type == "statements":
-        c, d, _ = case.scores
         truth = {"course": f"{c}分", "distress": f"{d}分", "total": f"{case.total}分", "level": level_of(case.total)}
         refs = {k: truth[tp] for k, tp in zip(LETTERS, topics)}
     else:
-        truth = {"total": f"{case.total}分", "level": level_of(case.total), "social": f"{case.scores[2]}分"}
-        refs = {k: truth[item_type] for k in LETTERS}
+        raise ValueError(f"unknown item type {item_type!r}; choose from {', '.join(TYPES)}")
     analysis += option_walk(options, gold, refs)
     return Item(item_id, "case", "multiple" if len(gold) > 1 else "single", QUESTIONS[item_type], options, gold,
                 analysis, case_text=case.text, subject=item_type, ref=case.key)

@@ -4,6 +4,7 @@ and the same seed gives the same table twice."""
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,11 @@ def test_every_stage_leaves_its_artefacts(run):
     assert sum(sel["challenge"].values()) + sum(sel["non_challenge"].values()) == pool
     grpo = [json.loads(line) for line in open(out / "data" / "grpo.jsonl")]
     assert grpo and all(r["answer"] and r["messages"][-1]["role"] == "user" for r in grpo)
+    # the challenge part (first in the file) is balanced by gold answer within each type
+    cells = {}
+    for r in grpo[: sel["challenge_balanced"]]:
+        cells.setdefault(r["type"], Counter())[r["answer"]] += 1
+    assert cells and all(len(set(c.values())) == 1 for c in cells.values()), cells
 
 
 def test_rerun_resumes_and_same_seed_gives_the_same_table(run, tmp_path):

@@ -3,7 +3,8 @@
     data     generate exam items (psyche/task.py): three SFT types whose rationales spell out every sub-score,
              and a challenge type that asks one sub-score alone, a question SFT data never asks
     probe    a small model SFT-trained on a seed set of SFT-type items: the "selector LLM"
-    select   the selector answers every pool item; items it fails go to the challenge pool (GRPO), the rest
+    select   the selector answers every pool item; items it fails (a wrong answer, or a right letter with
+             option lines that differ from the rationale's: a guess) go to the challenge pool (GRPO), the rest
              to the non-challenge pool (SFT), as in the seed; the challenge pool is balanced by type and gold
              letter (a pool of failures inherits the selector's letter bias)
     sft      SFT continues from the probe on all non-challenge data (the seed set and the non-challenge pool), at
@@ -34,7 +35,7 @@ import torch
 from psyche.config import ModelConfig, RunConfig
 from psyche.evaluate import credit, extract_answer
 from psyche.pceb import Item
-from psyche.task import (SFT_TYPES, balance, group_by_type, item_to_sft_messages, item_type_of, make_splits,
+from psyche.task import (SFT_TYPES, balance, group_by_type, item_to_sft_messages, item_type_of, make_splits, solved,
                          task_prompt, tokenizer_corpus)
 
 MODELS = ("base", "sft", "control", "grpo")
@@ -185,12 +186,11 @@ def stage_select(cfg: RunConfig, out: Path, log) -> dict:
         return json.loads((d / "selection.json").read_text())
     pool = read_items(d / "pool.jsonl")
     wrong_everywhere = {it.id: True for it in pool}
-    for k in range(rc.select_k):  # sample 0 greedy, the others sampled: "correct" if any sample is right
+    for k in range(rc.select_k):  # sample 0 greedy, the others sampled: solved if any sample solves it
         resp = answer_items(out / "probe" / "hf", pool, batch_size=rc.eval_batch, max_new_tokens=rc.max_new_tokens,
                             temperature=rc.select_temperature if k else 0.0, seed=k)
         for it in pool:
-            pred = extract_answer(resp[it.id], it.qtype)
-            if pred and set(pred) == set(it.answer):
+            if solved(it, resp[it.id]):  # right answer with the rationale's option lines, not a lucky letter
                 wrong_everywhere[it.id] = False
     challenge = [it for it in pool if wrong_everywhere[it.id]]
     non_challenge = [it for it in pool if not wrong_everywhere[it.id]]

@@ -313,6 +313,24 @@ def is_challenge(item: Item) -> bool:
     return item_type_of(item) in CHALLENGE_TYPES
 
 
+def option_lines(text: str) -> list[str]:
+    """The option lines of a reply or rationale ("A.6分，应为7分", ...), in order: the part that shows how the
+    answer was reached."""
+    think = text.split("</think>")[0]
+    return [ln.strip() for ln in think.split("\n") if len(ln) > 2 and ln[0] in LETTERS and ln[1] == "."]
+
+
+def solved(item: Item, response: str) -> bool:
+    """Right answer *for the right reason*: the extracted answer equals the gold one and the reply's option lines
+    (each option, the reference value it is compared with, and the mark) equal the rationale's. A letter guessed
+    right (1 in 4 for single choice) does not count, so a challenge item the selector cannot do does not leak into
+    the SFT data by luck."""
+    from psyche.evaluate import extract_answer
+
+    pred = extract_answer(response, item.qtype)
+    return bool(pred) and set(pred) == set(item.answer) and option_lines(response) == option_lines(item.analysis)
+
+
 def group_by_type(items: list[Item]) -> dict[str, list[Item]]:
     """Items by type, in TYPES order (types without items left out)."""
     groups = defaultdict(list)

@@ -9,8 +9,9 @@ import pytest
 from psyche.evaluate import accuracy_summary, extract_answer
 from psyche.pceb import Item, build_prompt
 from psyche.task import (CHALLENGE_TYPES, COURSE_PHRASES, DISTRESS_PHRASES, LEVELS, QUESTIONS, SFT_TYPES,
-                         SOCIAL_PHRASES, TYPES, balance, fact_keys, group_by_kind, group_by_type, item_to_sft_messages,
-                         item_type_of, letter_counts, make_splits, task_prompt, token_lengths, tokenizer_corpus)
+                         SOCIAL_PHRASES, TYPES, balance, fact_keys, group_by_kind, group_by_type,
+                         item_to_sft_messages, item_type_of, letter_counts, make_splits, option_lines, solved,
+                         task_prompt, token_lengths, tokenizer_corpus)
 from psyche.tokenizer import train_tokenizer
 
 DURATION = re.compile(r"(半|两|\d+)(个多月|个月|周|年半|年多|年)")
@@ -183,3 +184,16 @@ def test_token_lengths_within_budget(vocab, splits):
         assert stats["total_max"] < 120, stats
         for phrase in list(DISTRESS_PHRASES) + list(SOCIAL_PHRASES):  # in context: after 。 or ，
             assert max(len(tok.encode(sep + phrase)) for sep in "。，") <= 2, phrase
+
+
+def test_solved_needs_the_rationale_not_a_lucky_letter(splits):
+    """Selection counts an item as solved only with the right answer *and* the rationale's option lines."""
+    for it in splits[1][:40]:
+        gold = item_to_sft_messages(it)[1]["content"]
+        assert solved(it, gold) and len(option_lines(gold)) == 4
+        lines = option_lines(gold)
+        unmarked = gold.replace("√", "")  # the right letter, but no option judged: a guess
+        assert not solved(it, unmarked)
+        other = next(k for k in "ABCD" if k not in it.answer)
+        assert not solved(it, gold.rsplit("</think>", 1)[0] + "</think>" + other)
+        assert not solved(it, gold.replace(lines[0], lines[0].replace("应为", "应是")))

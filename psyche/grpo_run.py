@@ -115,7 +115,7 @@ def sample_groups(policy, prompts, idx, gc, tok, reward_set, seeds):
         totals.append(total)
         for k, v in part.items():
             parts[k].append(v)
-    b.rewards = torch.tensor(totals, dtype=torch.float32)
+    b.rewards = torch.tensor(totals, dtype=torch.float32, device=b.input_ids.device)
     b.reward_parts = {k: torch.tensor(v, dtype=torch.float32) for k, v in parts.items()}
     b.prompt_ids = list(idx)
     return b

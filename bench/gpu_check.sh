@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The GPU session's checks, in order of value, each under its own time budget:
+#
+#   bash bench/gpu_check.sh [OUT_DIR]          # from anywhere; OUT_DIR defaults to ./gpu-out
+#
+# 1. the GPU tests (tests/test_gpu.py, -m gpu)        5. bench/logprobs.py (peak memory; 1 round)
+# 2. tests/test_kernels.py (compiled kernels, CUDA)   6. bench/sft.py --parts step
+# 3. bench/kernels.py --no-compile                    7. bench/kernels.py (with torch.compile baselines)
+# 4. bench/sampler.py                                 8. bench/logprobs.py at 7B's hidden size, if time is left
+#
+# Each step runs under `timeout` (its process group is killed when its budget is spent), its output goes to
+# OUT_DIR/<step>.log, and the next step runs whatever happened. OUT_DIR/summary.tsv has one line per step:
+# name, exit status (124 = ran out of time), seconds, budget, command. The budgets sum to GPU_CHECK_TOTAL
+# (default 420 s, counted after the environment report, OUT_DIR/environment.log); a step never gets more than
+# what is left of it, so step 8 runs only if the others finish early. The GPU tests append the errors and
+# peaks they measured to OUT_DIR/gpu_measurements.jsonl (passing tests too) and write OUT_DIR/gpu-tests.xml.
+# Nothing here installs packages or uses the network; the package is imported from this checkout (PYTHONPATH).
+# Not run: bench/sft.py's fsdp part (it launches 2 ranks, one GPU per rank) and its packing part (CPU only).
+
+set -u
+
+OUT=${1:-./gpu-out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1  # the repository root
+
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PIP_NO_INDEX=1
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/psyche-triton-cache}
+export PSYCHE_GPU_REPORT=$OUT/gpu_measurements.jsonl
+unset PSYCHE_KERNELS PSYCHE_TEST_DEVICE TRITON_INTERPRET
+PY=${PYTHON:-python}
+TOTAL=${GPU_CHECK_TOTAL:-420}
+SUMMARY=$OUT/summary.tsv
+rm -f "$PSYCHE_GPU_REPORT" "$OUT/gpu-tests.xml"
+printf 'step\texit\tseconds\tbudget\tcommand\n' > "$SUMMARY"
+
+# step NAME BUDGET_S COMMAND...: run COMMAND under timeout, tee its output to OUT/NAME.log, record its status.
+step() {
+    local name=$1 budget=$2
+    shift 2
+    local left=$((TOTAL - ($(date +%s) - START)))
+    if ((left < 15)); then
+        printf '%s\tnot run\t0\t%s\t%s (total budget spent)\n' "$name" "$budget" "$*" >> "$SUMMARY"
+        echo "=== $name: not run, ${left}s of the total budget left"
+        return
+    fi
+    ((budget > left)) && budget=$left
+    local t0
+    t0=$(date +%s)
+    echo "=== $name (budget ${budget}s, $(date -u +%H:%M:%S) UTC): $*" | tee "$OUT/$name.log"
+    timeout --kill-after=10 "$budget" "$@" < /dev/null 2>&1 | tee -a "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    local dt=$(($(date +%s) - t0))
+    echo "=== $name: exit $rc after ${dt}s" | tee -a "$OUT/$name.log"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$dt" "$budget" "$*" >> "$SUMMARY"
+}
+
+# ---- the machine and the software (not budgeted: a few seconds) ----
+{
+    echo "=== environment $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    git rev-parse HEAD 2> /dev/null && git status --short 2> /dev/null | head -20
+    timeout 30 nvidia-smi || echo "nvidia-smi failed or is missing"
+    timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    timeout 120 "$PY" - << 'EOF'
+import importlib, platform, sys
+print("python", sys.version.split()[0], platform.platform())
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+print("cuda available:", torch.cuda.is_available(), "devices:", torch.cuda.device_count())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device 0: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs")
+for name in ("triton", "transformers", "tokenizers", "safetensors", "click", "tqdm", "matplotlib", "numpy",
+             "pytest", "pytest_timeout", "flash_attn"):
+    try:
+        m = importlib.import_module(name)
+        print(f"{name}: {getattr(m, '__version__', 'imported')}")
+    except Exception as e:
+        print(f"{name}: not importable ({type(e).__name__}: {str(e)[:120]})")
+import kernels
+print("psyche kernels: HAS_TRITON", kernels.HAS_TRITON, "HAS_FLASH_ATTN", kernels.HAS_FLASH_ATTN,
+      "mode", kernels.mode())
+EOF
+} 2>&1 | tee "$OUT/environment.log"
+
+START=$(date +%s)  # the budgets count from here (the environment report above takes a few seconds)
+TIMEOUT_OPT=()
+if "$PY" -c "import pytest_timeout" 2> /dev/null; then
+    TIMEOUT_OPT=(--timeout=90)  # per test: a hung test fails alone instead of eating the step's budget
+fi
+
+# ---- the checks, most valuable first (budgets: 150 + 50 + 40 + 45 + 30 + 40 + 65 = 420 s) ----
+step gpu-tests 150 "$PY" -m pytest -m gpu -q -rfEs --durations=25 ${TIMEOUT_OPT[@]+"${TIMEOUT_OPT[@]}"} \
+    --junitxml="$OUT/gpu-tests.xml" tests/test_gpu.py
+# the AOT-compile test is left out: the GPU compiles every kernel for real here
+step test-kernels 50 "$PY" -m pytest -q -rfEs ${TIMEOUT_OPT[@]+"${TIMEOUT_OPT[@]}"} tests/test_kernels.py \
+    -k "not compile_for_a_gpu"
+step bench-kernels 40 "$PY" bench/kernels.py --no-compile
+step bench-sampler 45 "$PY" bench/sampler.py
+step bench-logprobs 30 "$PY" bench/logprobs.py --repeat 1
+step bench-sft-step 40 "$PY" bench/sft.py --parts step
+step bench-kernels-compiled 65 "$PY" bench/kernels.py
+step bench-logprobs-7b 60 "$PY" bench/logprobs.py --repeat 1 --tokens 8192 --hidden 3584
+
+echo "=== summary ($(($(date +%s) - START))s of ${TOTAL}s)"
+column -t -s $'\t' "$SUMMARY" 2> /dev/null || cat "$SUMMARY"

@@ -5,7 +5,7 @@
 #
 # 1. the GPU tests (tests/test_gpu.py, -m gpu)        5. bench/logprobs.py (peak memory; 1 round)
 # 2. tests/test_kernels.py (compiled kernels, CUDA)   6. bench/sft.py --parts step
-# 3. bench/kernels.py --no-compile                    7. bench/kernels.py (with torch.compile baselines)
+# 3. bench/triton_kernels.py --no-compile                    7. bench/triton_kernels.py (with torch.compile baselines)
 # 4. bench/sampler.py                                 8. bench/logprobs.py at 7B's hidden size, if time is left
 #
 # Each step runs under `timeout` (its process group is killed when its budget is spent), its output goes to
@@ -96,11 +96,11 @@ step gpu-tests 150 "$PY" -m pytest -m gpu -q -rfEs --durations=25 ${TIMEOUT_OPT[
 # the AOT-compile test is left out: the GPU compiles every kernel for real here
 step test-kernels 50 "$PY" -m pytest -q -rfEs ${TIMEOUT_OPT[@]+"${TIMEOUT_OPT[@]}"} tests/test_kernels.py \
     -k "not compile_for_a_gpu"
-step bench-kernels 40 "$PY" bench/kernels.py --no-compile
+step bench-kernels 40 "$PY" bench/triton_kernels.py --no-compile
 step bench-sampler 45 "$PY" bench/sampler.py
 step bench-logprobs 30 "$PY" bench/logprobs.py --repeat 1
 step bench-sft-step 40 "$PY" bench/sft.py --parts step
-step bench-kernels-compiled 65 "$PY" bench/kernels.py
+step bench-kernels-compiled 65 "$PY" bench/triton_kernels.py
 step bench-logprobs-7b 60 "$PY" bench/logprobs.py --repeat 1 --tokens 8192 --hidden 3584
 
 echo "=== summary ($(($(date +%s) - START))s of ${TOTAL}s)"

@@ -64,9 +64,11 @@ def hf_twin(model, cfg, dtype, device):
     import transformers
 
     hf_cfg = transformers.Qwen2Config(**{k: v for k, v in cfg.to_hf_dict().items() if k != "torch_dtype"})
-    hf = transformers.Qwen2ForCausalLM(hf_cfg).to(device=device, dtype=dtype).eval()
+    hf = transformers.Qwen2ForCausalLM(hf_cfg).to(device=device).eval()
     hf.load_state_dict(model.state_dict(), strict=False)  # tied lm_head comes from the embedding
     hf.tie_weights()
+    for prm in hf.parameters():  # parameters only: the rotary inv_freq buffer stays fp32, as in psyche
+        prm.data = prm.data.to(dtype)
     return hf
 
 

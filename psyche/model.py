@@ -235,7 +235,11 @@ class Qwen2(nn.Module):
         x = self.model.norm(x)
         if targets is not None:
             rows, cols = (targets >= 0).nonzero(as_tuple=True)  # (n,) the positions that carry a target
-            lp, ent = kernels.token_logprobs(x[rows, cols], self.lm_head.weight, targets[rows, cols], temperature)
+            h, w = x[rows, cols], self.lm_head.weight
+            if torch.is_autocast_enabled(h.device.type):  # as autocast would run the lm_head Linear: in its dtype
+                dt = torch.get_autocast_dtype(h.device.type)
+                h, w = h.to(dt), w.to(dt)
+            lp, ent = kernels.token_logprobs(h, w, targets[rows, cols], temperature)
             zeros = torch.zeros(B, T, dtype=torch.float32, device=x.device)
             return zeros.index_put((rows, cols), lp), zeros.index_put((rows, cols), ent)
         if return_hidden:

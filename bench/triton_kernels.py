@@ -6,9 +6,9 @@ the inputs for each, and the Triton kernel's ratios to the reference and to the 
 runs in this process, on one GPU. For the log-prob op the compiled baseline is the naive (N, V) logits path
 (compiling the streaming reference's Python loops would unroll them).
 
-    python bench/kernels.py                      # needs a CUDA GPU; on CPU it says so and exits 0
-    python bench/kernels.py --tokens 4096 --ops rms_norm,token_logprobs
-    TRITON_INTERPRET=1 python bench/kernels.py --device cpu --small   # smoke-tests this script only
+    python bench/triton_kernels.py                      # needs a CUDA GPU; on CPU it says so and exits 0
+    python bench/triton_kernels.py --tokens 4096 --ops rms_norm,token_logprobs
+    TRITON_INTERPRET=1 python bench/triton_kernels.py --device cpu --small   # smoke-tests this script only
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def main():
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (none found): nothing to measure.")
+        print("bench/triton_kernels.py needs a CUDA GPU (none found): nothing to measure.")
         return 0
     import kernels
 

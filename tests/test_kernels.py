@@ -247,7 +247,7 @@ def test_tiny_model_with_triton_kernels_equals_reference(monkeypatch):
     cfg = preset("tiny")
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (2, 13), generator=gen).to(DEVICE)
-    targets = torch.cat([x[:, 1:], torch.full((2, 1), -1)], 1)  # next token; the last position has none
+    targets = torch.cat([x[:, 1:], torch.full((2, 1), -1, device=DEVICE)], 1)  # next token; the last position has none
     targets[0, :4] = -1  # e.g. prompt tokens: ignored
     g_logits = torch.randn(2, 13, cfg.vocab_size, generator=gen).to(DEVICE) * 1e-2
     g_lp, g_ent = torch.randn(2, 13, generator=gen).to(DEVICE), torch.randn(2, 13, generator=gen).to(DEVICE)

@@ -309,7 +309,7 @@ class RecipeSection:
     layers: int = 4
     heads: int = 4
     kv_heads: int = 2
-    probe_steps: int = 2500  # SFT steps of the probe (the selector, and the start of the SFT model)
+    probe_steps: int = 2000  # SFT steps of the probe (the selector, and the start of the SFT model)
     sft_steps: int = 200  # SFT steps on the non-challenge pool, from the probe
     sft_lr: float = 3e-4  # peak lr of the SFT and control stages, which continue from trained weights (optim.lr is
     #                       the probe's, from scratch): a restart at the probe's 3e-3 undid part of what it learned

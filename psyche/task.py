@@ -23,13 +23,17 @@ score is in every SFT rationale but never asked as a question by an SFT type: GR
 to learn to surface a skill the SFT model already has (the design that worked in the prototypes).
 
 The rationale then goes through the options, one line each exactly as the prompt writes them, followed by what
-the rationale says on that option's topic, and marks with √ the one(s) that agree ("\nA.6分，应为7分\nB.7分，应为7分√").
+the rationale says on that option's topic, and marks with √ the one(s) that agree, naming the letter chosen
+("\nA.6分，应为7分\nB.7分，应为7分√选B").
 What was measured on 2 cores (hidden 128, 4 layers, batch 16, lr 3e-3, SFT-type items): with the answer letter
 right after the rationale, the letter stayed at chance past 2,000 steps while the sub-scores were right after 750;
 with option lines marked √ but no stated reference, accuracy crept to ~0.6 by 1,750 steps (the √ needs an equality
 test between an option and a number far back); with the reference written next to each option the comparison is
 local, and accuracy jumps between 2,000 and 2,500 steps to total 0.95-1.0, level 0.85-0.93, statements 0.5-0.7
 (3,000 steps). The lines are written like the prompt's option lines so that they tokenize to the same tokens.
+The last hop, from the marked lines to the answer letters, was then the weak one (statements: the right lines
+marked 0.93, answer letters equal to the marked lines 0.49); with "选B" after the mark the answer copies the
+letters that follow 选, and letters equal to the marked lines rose to 0.96-1.0 for every type (2,000 steps).
 
 Splits are disjoint by the case's *facts*: the triple (duration phrase, distress phrase, social phrase) that
 decides every answer. Within each score triple the fact keys are ranked by a seeded hash and a `holdout` share
@@ -189,8 +193,8 @@ def _statement(topic: str, case: Case, true: bool, rng: random.Random) -> str:
 
 def option_walk(options: dict[str, str], gold: str, refs: dict[str, str]) -> str:
     """The options again, one per line as in the prompt, each followed by what the rationale says on the option's
-    topic, the gold one(s) marked with √ ("\nA.5分，应为3分\nB.3分，应为3分√")."""
-    return "".join(f"\n{k}.{v}，应为{refs[k]}" + ("√" if k in gold else "") for k, v in options.items())
+    topic, the gold one(s) marked with √ and the letter chosen ("\nA.5分，应为3分\nB.3分，应为3分√选B")."""
+    return "".join(f"\n{k}.{v}，应为{refs[k]}" + (f"√选{k}" if k in gold else "") for k, v in options.items())
 
 
 def make_item(case: Case, item_type: str, gold: str, rng: random.Random, item_id: str) -> Item:

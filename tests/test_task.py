@@ -103,8 +103,9 @@ def test_answers_and_rationales_follow_from_the_text(splits):
         assert [ln.split(".", 1)[0] for ln in lines] == list("ABCD")
         for ln in lines:
             k, rest = ln.split(".", 1)
-            opt, ref = rest.rstrip("√").split("，应为")
-            assert opt == it.options[k] and ln.endswith("√") == (k in it.answer)
+            marked = ln.endswith(f"√选{k}")
+            opt, ref = rest.removesuffix(f"√选{k}").split("，应为")
+            assert opt == it.options[k] and marked == (k in it.answer) and ln.count("√") == marked
             if kind == "statements":
                 said = opt[2:] if opt.startswith("属于") else re.search(r"\d分", opt).group()
                 assert (said == ref) == (k in it.answer)

@@ -50,6 +50,7 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+from psyche.evaluate import extract_answer
 from psyche.pceb import Item
 
 LETTERS = "ABCD"
@@ -329,8 +330,6 @@ def solved(item: Item, response: str) -> bool:
     (each option, the reference value it is compared with, and the mark) equal the rationale's. A letter guessed
     right (1 in 4 for single choice) does not count, so a challenge item the selector cannot do does not leak into
     the SFT data by luck."""
-    from psyche.evaluate import extract_answer
-
     pred = extract_answer(response, item.qtype)
     return bool(pred) and set(pred) == set(item.answer) and option_lines(response) == option_lines(item.analysis)
 

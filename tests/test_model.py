@@ -91,3 +91,32 @@ def test_targets_give_logprobs_and_entropy_of_the_logits():
     assert (lp[~sel] == 0).all() and (ent[~sel] == 0).all()
     (lp.sum() + ent.sum()).backward()  # differentiable through both
     assert m.lm_head.weight.grad is not None and m.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_targets_path_runs_the_lm_head_in_the_autocast_dtype(monkeypatch):
+    """Under autocast the fused log-prob path gets hidden states and lm_head weight in the autocast dtype, as the
+    lm_head Linear of the logits path would (not fp32: on a GPU that would bypass the bf16 tensor cores), and its
+    log-probs match the autocast logits path's."""
+    import kernels
+
+    seen = []
+    real = kernels.token_logprobs
+
+    def spy(h, w, y, temperature=1.0):
+        seen.append((h.dtype, w.dtype))
+        return real(h, w, y, temperature)
+
+    monkeypatch.setattr(kernels, "token_logprobs", spy)
+    cfg = tiny_config()
+    m = build_model(cfg, seed=5)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -1)], 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, _ = m(ids, targets=targets)
+        logits = m(ids)
+    assert seen == [(torch.bfloat16, torch.bfloat16)] and logits.dtype == torch.bfloat16
+    ref = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    sel = targets >= 0
+    torch.testing.assert_close(lp[sel], ref[sel], atol=2e-2, rtol=2e-2)
+    m(ids, targets=targets)  # and without autocast: fp32 in
+    assert seen[-1] == (torch.float32, torch.float32)

@@ -83,3 +83,39 @@ def test_task_eval_scores_a_checkpoint_as_the_report_does(run, tmp_path):
     assert str(out / "sft" / "hf") in res.output and res.output.count("\n") == 3
     bad = CliRunner().invoke(task_eval_cmd, [str(tmp_path), str(out / "sft" / "hf")])
     assert bad.exit_code != 0 and "no test set" in bad.output and str(tmp_path) in bad.output
+
+
+def test_selection_routes_by_answer_and_rationale(tmp_path, monkeypatch):
+    """stage_select with scripted selector replies: only an item answered with the rationale's option lines goes to
+    the SFT data; a right letter without them (a guess) and a wrong answer go to the challenge pool."""
+    from psyche import recipe
+    from psyche.config import load_run_config
+    from psyche.task import make_splits, sft_target
+
+    cfg = load_run_config(None, [], cls=recipe.embedded_config)
+    cfg.run.out = str(tmp_path)
+    (tmp_path / "probe" / "hf").mkdir(parents=True)
+    (tmp_path / "probe" / "hf" / "config.json").write_text("{}")  # the probe counts as trained
+    pool, _ = make_splits(0, n_train=48, n_test=0)
+    d = tmp_path / "data"
+    d.mkdir()
+    recipe._items_jsonl(d / "pool.jsonl", pool)
+    recipe._items_jsonl(d / "seed.jsonl", [])
+    kind = {it.id: i % 3 for i, it in enumerate(pool)}  # 0 reasoned, 1 guessed letter, 2 wrong letter
+
+    def reply(it):
+        gold = sft_target(it)
+        if kind[it.id] == 0:
+            return gold
+        if kind[it.id] == 1:
+            return gold.replace("√", "")  # the letter is right, no option was judged
+        return gold.rsplit("</think>", 1)[0] + "</think>" + next(k for k in "ABCD" if k not in it.answer)
+
+    monkeypatch.setattr(recipe, "answer_items", lambda model, items, **kw: {it.id: reply(it) for it in items})
+    recipe.stage_select(cfg, tmp_path, log=lambda *a: None)
+    non = {r["id"] for r in map(json.loads, open(d / "non_challenge.jsonl"))}
+    chal = {r["id"] for r in map(json.loads, open(d / "challenge.jsonl"))}
+    assert non == {i for i, k in kind.items() if k == 0}
+    assert chal == {i for i, k in kind.items() if k != 0}
+    sft_ids = {r["id"] for r in map(json.loads, open(d / "sft.jsonl"))}
+    assert sft_ids == non  # the SFT data is the (empty) seed set plus what the selector solved

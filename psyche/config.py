@@ -303,6 +303,8 @@ class RecipeSection:
     n_train: int = 4000  # generated training items, the four types in equal parts
     n_test: int = 400  # held-out items (no fact combination shared with training)
     seed_every: int = 2  # every k-th SFT-type training item is in the probe's seed set; the rest is the pool
+    seed_challenge: int = 40  # challenge-type training items in the seed set too: rare, so the SFT model shows a
+    #                           trace of the skill (some samples right) that GRPO can reinforce; 0 = never asked
     vocab: int = 1024  # BPE vocabulary trained on the task's text
     hidden_size: int = 128
     intermediate_size: int = 384

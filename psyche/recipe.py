@@ -1,8 +1,9 @@
 """The embedded default: the Psyche-R1 recipe in miniature, end to end, on 2 CPU cores (`python train.py`).
 
     data     generate exam items (psyche/task.py): three SFT types whose rationales spell out every sub-score,
-             and a challenge type that asks one sub-score alone, a question SFT data never asks
-    probe    a small model SFT-trained on a seed set of SFT-type items: the "selector LLM"
+             and a challenge type that asks one sub-score alone, which the seed set asks rarely
+             (recipe.seed_challenge of its ~1,500 items)
+    probe    a small model SFT-trained on the seed set: the "selector LLM"
     select   the selector answers every pool item; items it fails (a wrong answer, or a right letter with
              option lines that differ from the rationale's: a guess) go to the challenge pool (GRPO), the rest
              to the non-challenge pool (SFT), as in the seed; the challenge pool is balanced by type and gold
@@ -17,8 +18,9 @@
 
 Deviations from the seed, on purpose: the selectors are one probe model (the seed used several LLMs); the
 probe is the start of the SFT model (the seed's SFT started from the base model), which saves a second SFT
-run in the time budget; GRPO samples at a high temperature because a converged tiny model is otherwise
-deterministic and every group's reward variance is zero (GUIDE §5 trap 12).
+run in the time budget. GRPO samples at T = 1.0: the rarely seen challenge type still varies across samples
+there (the variance GRPO learns from), while the converged SFT types give zero-std groups, counted per step as
+zero_std_frac (GUIDE §5 trap 12; `grpo.temperature` and `grpo.dynamic_sampling` are the knobs for it).
 Each stage writes into RUN_DIR/<stage>/ and is skipped when its output exists, so a rerun resumes.
 """
 
@@ -53,7 +55,7 @@ def embedded_config() -> RunConfig:
     cfg.log.every = 100
     g = cfg.grpo
     g.prompt_style, g.prompts_per_step, g.group_size, g.mini_batch, g.micro_batch = "plain", 16, 8, 0, 64
-    g.temperature, g.max_new_tokens, g.max_prompt_length = 1.6, 64, 256
+    g.temperature, g.max_new_tokens, g.max_prompt_length = 1.0, 64, 256
     g.kl_coef, g.loss_agg, g.truncation, g.dump_every = 0.02, "token-mean", "zero", 5
     g.rewards, g.reward_weights = ["format", "accuracy"], [0.1, 1.0]
     g.optim.lr, g.optim.warmup_steps, g.optim.schedule = 3e-4, 2, "constant"
@@ -112,6 +114,8 @@ def stage_data(cfg: RunConfig, out: Path, log) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     train, test = make_splits(seed=cfg.run.seed, n_train=rc.n_train, n_test=rc.n_test)
     seed_set = [it for i, it in enumerate(train) if item_type_of(it) in SFT_TYPES and i % rc.seed_every == 0]
+    rare = [it for it in train if item_type_of(it) not in SFT_TYPES][:rc.seed_challenge]  # a trace of the skill
+    seed_set += rare
     seed_ids = {it.id for it in seed_set}
     pool = [it for it in train if it.id not in seed_ids]
     _items_jsonl(d / "seed.jsonl", seed_set)
@@ -124,10 +128,12 @@ def stage_data(cfg: RunConfig, out: Path, log) -> dict:
                      vocab_size=-(-tok.vocab_size // 64) * 64, tie_word_embeddings=True, max_position_embeddings=512,
                      torch_dtype="float32", eos_token_id=tok.im_end_id, bos_token_id=tok.eot_id)
     save_pretrained(build_model(mc, seed=cfg.run.seed), out / "init", tokenizer=tok)
-    summary = {"seed_items": len(seed_set), "pool_items": len(pool), "test_items": len(test),
+    summary = {"seed_items": len(seed_set), "seed_challenge_items": len(rare),
+               "pool_items": len(pool), "test_items": len(test),
                "parameters": mc.num_params(), "vocab": mc.vocab_size}
     (d / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"data: {len(seed_set)} seed SFT items, {len(pool)} pool items (all four types), {len(test)} test items; "
+    log(f"data: {len(seed_set)} seed SFT items ({summary['seed_challenge_items']} of the challenge type), "
+        f"{len(pool)} pool items (all four types), {len(test)} test items; "
         f"model {mc.num_params():,} parameters, vocab {mc.vocab_size}")
     return summary
 

@@ -20,7 +20,11 @@ Item types (`item_type_of`):
 Every rationale (`Item.analysis`) spells out all sub-scores in one fixed format, e.g.
 "病程8个月，评2分；精神痛苦中度，评2分；社会功能严重受损，评3分；总分7分，为神经症。" So the social-function
 score is in every SFT rationale but never asked as a question by an SFT type: GRPO, from the answer key alone, has
-to learn to surface a skill the SFT model already has (the design that worked in the prototypes).
+to learn to surface a skill the SFT model already has (the design that worked in the prototypes). The embedded
+default (psyche/recipe.py) still puts a few challenge items (40 of ~1,500) into the seed SFT data: measured on this
+task, a question type SFT never asks is answered with near-certainty as the nearest one it asks (the total), so
+no sample shows the skill and GRPO has nothing to reinforce; seen rarely, it is answered right in some samples and
+wrong in others, which GRPO sharpens into the greedy answer.
 
 The rationale then goes through the options, one line each exactly as the prompt writes them, followed by what
 the rationale says on that option's topic, and marks with √ the one(s) that agree, naming the letter chosen

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["recipe.n_train=160", "recipe.n_test=24", "recipe.probe_steps=6", "recipe.sft_steps=3",
          "recipe.control_steps=3", "recipe.max_new_tokens=20", "recipe.eval_batch=100", "grpo.steps=2",
          "grpo.prompts_per_step=8", "grpo.group_size=4", "grpo.max_new_tokens=20", "log.progress=false",
-         "recipe.hidden_size=64", "recipe.intermediate_size=128", "recipe.layers=2", "recipe.vocab=600"]
+         "recipe.hidden_size=64", "recipe.intermediate_size=128", "recipe.layers=2", "recipe.vocab=600",
+         "recipe.seed_challenge=4"]
 
 
 def _run(out, *extra):
@@ -45,6 +46,12 @@ def test_every_stage_leaves_its_artefacts(run):
     table = (out / "report.md").read_text()
     assert table.count("\n") == 6 and "SFT + GRPO" in table and "control" in table
     assert (out / "plots" / "grpo.png").read_bytes()[:4] == b"\x89PNG"
+    # the seed set: every other SFT-type item and exactly `seed_challenge` challenge items, none of them in the pool
+    seed = [json.loads(line) for line in open(out / "data" / "seed.jsonl")]
+    assert Counter(r["type"] for r in seed)["social"] == 4 and len(seed) > 4
+    pool_ids = {json.loads(line)["id"] for line in open(out / "data" / "pool.jsonl")}
+    assert not pool_ids & {r["id"] for r in seed}
+    assert json.loads((out / "data" / "summary.json").read_text())["seed_challenge_items"] == 4
     sel = json.loads((out / "data" / "selection.json").read_text())
     pool = sum(1 for _ in open(out / "data" / "pool.jsonl"))
     assert sum(sel["challenge"].values()) + sum(sel["non_challenge"].values()) == pool

@@ -34,7 +34,7 @@ from pathlib import Path
 import click
 import torch
 
-from psyche.config import ModelConfig, RunConfig
+from psyche.config import ConfigError, ModelConfig, RunConfig
 from psyche.evaluate import credit, extract_answer
 from psyche.pceb import Item
 from psyche.task import (SFT_TYPES, balance, group_by_type, item_to_sft_messages, item_type_of, make_splits, solved,
@@ -107,6 +107,9 @@ def stage_data(cfg: RunConfig, out: Path, log) -> dict:
     from psyche.weights import save_pretrained
 
     rc = cfg.recipe
+    if rc.seed_challenge < 0 or rc.seed_every < 1:
+        raise ConfigError(f"recipe.seed_challenge must be >= 0 and recipe.seed_every >= 1, got "
+                          f"{rc.seed_challenge} and {rc.seed_every}")
     d = out / "data"
     if (d / "test.jsonl").is_file() and (out / "init" / "config.json").is_file():
         log("data: already made")

@@ -126,3 +126,14 @@ def test_selection_routes_by_answer_and_rationale(tmp_path, monkeypatch):
     assert chal == {i for i, k in kind.items() if k != 0}
     sft_ids = {r["id"] for r in map(json.loads, open(d / "sft.jsonl"))}
     assert sft_ids == non  # the SFT data is the (empty) seed set plus what the selector solved
+
+
+@pytest.mark.parametrize("key", ["recipe.seed_challenge=-1", "recipe.seed_every=0"])
+def test_bad_seed_set_settings_are_named(key, tmp_path):
+    from psyche import recipe
+    from psyche.config import ConfigError, load_run_config
+
+    cfg = load_run_config(None, [key], cls=recipe.embedded_config)
+    with pytest.raises(ConfigError, match=key.split("=")[0]):
+        recipe.stage_data(cfg, tmp_path, log=lambda *a: None)
+    assert not (tmp_path / "data").exists()

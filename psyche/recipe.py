@@ -135,7 +135,7 @@ def stage_data(cfg: RunConfig, out: Path, log) -> dict:
                "pool_items": len(pool), "test_items": len(test),
                "parameters": mc.num_params(), "vocab": mc.vocab_size}
     (d / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"data: {len(seed_set)} seed SFT items ({summary['seed_challenge_items']} of the challenge type), "
+    log(f"data: {len(seed_set)} seed items ({summary['seed_challenge_items']} of the challenge type), "
         f"{len(pool)} pool items (all four types), {len(test)} test items; "
         f"model {mc.num_params():,} parameters, vocab {mc.vocab_size}")
     return summary

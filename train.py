@@ -55,9 +55,9 @@ def main(stage, config_path, overrides, out, sweeps, seeds, print_commands, npro
     try:
         cfg = load_run_config(None, list(overrides) + ([f"run.out={_toml_str(out)}"] if out else []),
                               cls=embedded_config)
+        run_recipe(cfg, stage, log=click.echo)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    run_recipe(cfg, stage, log=click.echo)
 
 
 def _toml_str(s: str) -> str:

@@ -19,14 +19,14 @@ import torch
 
 from psyche import dist
 from psyche.checkpoint import fault, latest_checkpoint, load_checkpoint, save_checkpoint, export_hf
-from psyche.config import ModelConfig, RunConfig, config_diff, load_run_config, to_toml
+from psyche.config import ConfigError, ModelConfig, RunConfig, config_diff, load_run_config, to_toml
 from psyche.data import DataError, format_mc_prompt, read_records
 from psyche.diagnostics import StepDiagnostics, kl_check, record_pass_rates, replay_due, save_logged, save_step_dump
 from psyche.grpo import (LossConfig, RolloutBatch, apply_truncation_mask, batched_logprobs, build_batch,
                          compute_advantages, exact_kl_tokens, reduce_scalar, kl_estimate, logprob_gap, rollout_stats, sequence_logprobs,
                          shape_rewards, update_policy, zero_std_groups)
 from psyche.metrics import MetricsLogger, step_line
-from psyche.rewards import RewardSet
+from psyche.rewards import RewardError, RewardSet
 from psyche.sampler import generate, row_seeds, splitmix64
 
 
@@ -110,8 +110,10 @@ def sample_groups(policy, prompts, idx, gc, tok, reward_set, seeds):
     b.prompts = [prompts[idx[int(p)]]["text"] for p in r.prompt_index]
     b.items = [prompts[idx[int(p)]]["item"] for p in r.prompt_index]
     totals, parts = [], {name: [] for name in reward_set.weights}
-    for prompt, text, item in zip(b.prompts, b.texts, b.items):
-        total, part = reward_set(prompt, text, item)
+    wheres = [f"the prompt at {prompts[idx[int(p)]]['where']}, sample {k % gc.group_size + 1} of {gc.group_size}"
+              for k, p in enumerate(r.prompt_index)]
+    for prompt, text, item, where in zip(b.prompts, b.texts, b.items, wheres):
+        total, part = reward_set(prompt, text, item, where)  # a raising or non-finite reward stops the run
         totals.append(total)
         for k, v in part.items():
             parts[k].append(v)
@@ -265,27 +267,16 @@ def run_grpo(cfg: RunConfig) -> Path:
 
     from psyche.sft import build_model_for_training, build_optimizer, build_scheduler, prepare_init, resolve_dtype
     from psyche.tokenizer import Tokenizer
+    from psyche.validate import check_grpo
     from psyche.weights import load_pretrained
 
+    check_grpo(cfg)  # the whole config, before anything is written or computed
     gc = cfg.grpo
     rank, world, device = dist.init_distributed()
     run_dir = Path(cfg.run.out)
     torch.manual_seed(cfg.run.seed)
     dist.print0(f"# resolved config ({world} rank{'s' if world > 1 else ''}, {device})\n{to_toml(cfg)}")
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved = run_dir / "config.toml"
-        if saved.is_file() and (diff := config_diff(load_run_config(saved), cfg)):
-            print("config differs from the run directory's previous config.toml:\n  " + "\n  ".join(diff))
-        saved.write_text(to_toml(cfg))
-    for name, v in (("prompts_per_step", gc.prompts_per_step), ("mini_batch", gc.mini_batch or gc.prompts_per_step)):
-        if v % world:
-            raise ValueError(f"grpo.{name}={v} must be a multiple of the number of ranks ({world})")
     mini = gc.mini_batch or gc.prompts_per_step
-    if gc.prompts_per_step % mini:
-        raise ValueError(f"grpo.prompts_per_step={gc.prompts_per_step} must be a multiple of grpo.mini_batch={mini}")
-    if len(gc.rewards) != len(gc.reward_weights):
-        raise ValueError(f"grpo.rewards {gc.rewards} and grpo.reward_weights {gc.reward_weights} differ in length")
     reward_set = RewardSet(dict(zip(gc.rewards, gc.reward_weights)))
 
     # ---- model, reference, data ----
@@ -302,6 +293,16 @@ def run_grpo(cfg: RunConfig) -> Path:
         ref, _ = load_pretrained(init_dir, dtype=compute_dtype, device="cpu" if gc.ref_offload else device)
         ref.requires_grad_(False).eval()
     optimizer = build_optimizer(policy, gc.optim)
+    if dist.is_main():  # the inputs are read and the model is built: only now is the run directory written
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved = run_dir / "config.toml"
+        try:
+            diff = config_diff(load_run_config(saved), cfg) if saved.is_file() else []
+        except ConfigError as e:
+            diff = [f"(previous config unreadable: {e})"]
+        if diff:
+            print("config differs from the run directory's previous config.toml:\n  " + "\n  ".join(diff))
+        saved.write_text(to_toml(cfg))
     steps_per_epoch = max(1, len(prompts) // gc.prompts_per_step)
     total = gc.steps if gc.steps > 0 else math.ceil(gc.epochs * steps_per_epoch)
     scheduler, warmup = build_scheduler(optimizer, gc.optim, total)
@@ -334,8 +335,12 @@ def run_grpo(cfg: RunConfig) -> Path:
         step = s + 1
         fault("step_start", step)
         t0 = time.time()
-        b, sampling = gather_rollouts(policy, prompts, stream, gc, tok, reward_set, seed=cfg.run.seed, step=step,
-                                      rank=rank, world=world, mini=mini)
+        try:
+            b, sampling = gather_rollouts(policy, prompts, stream, gc, tok, reward_set, seed=cfg.run.seed, step=step,
+                                          rank=rank, world=world, mini=mini)
+        except RewardError as e:
+            raise RewardError(f"step {step}: {e}; stopped before the update. Last good checkpoint: "
+                              f"{latest_checkpoint(run_dir) or 'none'} (untouched)") from e
         t_roll = time.time()
         raw = b.rewards
         b.rewards = shape_rewards(raw, b, truncation=gc.truncation, max_new_tokens=gc.max_new_tokens,

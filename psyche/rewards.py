@@ -7,6 +7,7 @@ PCEB scoring rules (psyche.evaluate.extract_answer): regular expressions only, m
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable
 
@@ -60,6 +61,11 @@ def accuracy_elastic_reward(prompt: str, completion: str, item) -> float:
     return credit(extract_answer(completion, _qtype(item)), str(_field(item, "answer")).strip())
 
 
+class RewardError(RuntimeError):
+    """A reward function that raised or returned a non-finite value; the message names the function and the
+    sample, and the run stops before that reward reaches an advantage (or a checkpoint)."""
+
+
 class RewardSet:
     """A weighted sum of registered reward functions; keeps each function's value for logging."""
 
@@ -71,6 +77,18 @@ class RewardSet:
             raise ValueError("at least one reward function is needed")
         self.weights = dict(weights)
 
-    def __call__(self, prompt: str, completion: str, item) -> tuple[float, dict[str, float]]:
-        parts = {name: float(REGISTRY[name](prompt, completion, item)) for name in self.weights}
+    def __call__(self, prompt: str, completion: str, item, where: str = "") -> tuple[float, dict[str, float]]:
+        """(weighted total, {name: value}). `where` names the sample in errors (e.g. its prompt's file:line)."""
+        parts = {name: self._one(name, prompt, completion, item, where) for name in self.weights}
         return sum(self.weights[n] * v for n, v in parts.items()), parts
+
+    @staticmethod
+    def _one(name: str, prompt: str, completion: str, item, where: str) -> float:
+        sample = f"{where or 'a sample'} (completion {completion[:60]!r}{'...' if len(completion) > 60 else ''})"
+        try:
+            value = float(REGISTRY[name](prompt, completion, item))
+        except Exception as e:  # chained: PSYCHE_DEBUG=1 shows the function's own traceback
+            raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e} on {sample}") from e
+        if not math.isfinite(value):
+            raise RewardError(f"reward function {name!r} returned {value} on {sample}")
+        return value

@@ -175,35 +175,21 @@ def run_sft(cfg: RunConfig) -> Path:
     from tqdm import tqdm
 
     from psyche.tokenizer import Tokenizer
+    from psyche.validate import check_sft
 
+    check_sft(cfg)  # the whole config, before anything is written or computed
     rank, world, device = dist.init_distributed()
     run_dir = Path(cfg.run.out)
     torch.manual_seed(cfg.run.seed)
     sc = cfg.sft
-
-    # ---- config ----
-    saved_cfg = run_dir / "config.toml"
     dist.print0(f"# resolved config ({world} rank{'s' if world > 1 else ''}, {device})\n{to_toml(cfg)}")
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if saved_cfg.is_file():
-            try:
-                diff = config_diff(load_run_config(saved_cfg, cls=type(cfg)), cfg)
-            except ConfigError as e:
-                diff = [f"(previous config unreadable: {e})"]
-            if diff:
-                print("config differs from the run directory's previous config.toml:\n  " + "\n  ".join(diff))
-        saved_cfg.write_text(to_toml(cfg))
 
-    # ---- data and model ----
+    # ---- data and model (a bad input fails here, before the run directory's files are touched) ----
     messages = load_messages(cfg.data.paths, cfg.data.format)
     texts = [m["content"] for msgs, _ in messages for m in msgs]
     init_dir = prepare_init(cfg.model.init, run_dir, cfg.run.seed, texts)
     tok = Tokenizer.from_dir(init_dir)
     model_cfg = ModelConfig.from_dir(init_dir)
-    if cfg.data.max_length > model_cfg.max_position_embeddings:
-        raise ValueError(f"data.max_length {cfg.data.max_length} > the model's max_position_embeddings "
-                         f"{model_cfg.max_position_embeddings}")
     samples = tokenize(messages, tok, cfg.data.max_length, cfg.data.truncation, cfg.data.system)
     dist.print0(f"data: {samples.summary()}")
     global_batch = sc.global_batch_tokens // cfg.data.max_length if sc.global_batch_tokens > 0 else sc.global_batch
@@ -217,6 +203,19 @@ def run_sft(cfg: RunConfig) -> Path:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler, warmup = build_scheduler(optimizer, cfg.optim, total)
     amp = dist.autocast(model, device, compute_dtype)
+
+    # ---- config ----
+    saved_cfg = run_dir / "config.toml"
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if saved_cfg.is_file():
+            try:
+                diff = config_diff(load_run_config(saved_cfg, cls=type(cfg)), cfg)
+            except ConfigError as e:
+                diff = [f"(previous config unreadable: {e})"]
+            if diff:
+                print("config differs from the run directory's previous config.toml:\n  " + "\n  ".join(diff))
+        saved_cfg.write_text(to_toml(cfg))
     dist.print0(f"model: {model_cfg.num_params():,} parameters from {init_dir}; compute {compute_dtype}, "
                 f"{'FSDP2 over ' + str(world) + ' ranks' if dist.is_sharded(model) else 'unsharded'}\n"
                 f"batch: {global_batch} {'packed rows' if cfg.data.packing else 'samples'} per step = "

@@ -1,0 +1,291 @@
+"""Checks of a resolved run config as a whole, before a stage writes or computes anything.
+
+`psyche.config` checks each key on its own (name, type, choices). This module checks what only the whole
+config can tell: ranges (lr > 0, 0 < top_p <= 1, ...), rules between keys (group size vs advantage estimator,
+batch divisibility by micro-batch x ranks, rewards vs reward weights) and rules between the config and its
+inputs (every data file exists, the model to start from has a readable config.json, lengths fit its
+max_position_embeddings). Each violation is a one-line ConfigError that names the key or keys, their values
+and the rule, e.g.
+
+    grpo.group_size=1: estimator 'grpo' with std_ddof=1 needs >= 2 samples per prompt
+
+Why here and not in the loops: a rule checked where a value is first used fires after the data was read, the
+model built or the first rollout sampled, sometimes after the run directory was written. `run_sft` and
+`run_grpo` call `check_stage` first; `python train.py` without --config calls `check_sections` on the embedded
+default's settings (its data and models are made by the recipe, so there are no files to check yet).
+
+Reading a model's config.json is the only file access (a few hundred bytes); no model is built.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from psyche.config import PRESETS, ConfigError, ModelConfig, RunConfig
+
+MAX_SEED = 2**32  # run.seed feeds int64 hashes (GRPO's row seeds) and numpy's generator: 0 <= seed < 2**32
+
+
+def world_size() -> int:
+    """The number of ranks this process belongs to (torchrun sets WORLD_SIZE), known before any process group
+    exists."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _v(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _need(ok: bool, key: str, value, rule: str):
+    if not ok:
+        raise ConfigError(f"{key}={_v(value)}: {rule}")
+
+
+def _finite(key: str, value):
+    _need(isinstance(value, (int, float)) and math.isfinite(value), key, value, "must be a finite number")
+
+
+def _at_least(key: str, value, lo):
+    _need(value >= lo, key, value, f"must be >= {lo}")
+
+
+def _fraction(key: str, value, hi_open=False):
+    _finite(key, value)
+    ok = 0.0 <= value < 1.0 if hi_open else 0.0 <= value <= 1.0
+    _need(ok, key, value, f"must be in [0, 1{')' if hi_open else ']'}")
+
+
+# ============================================================================================================
+# ranges: each section on its own (every stage checks every section: a bad value anywhere is a mistake)
+# ============================================================================================================
+
+def check_run(cfg: RunConfig):
+    _need(bool(cfg.run.out.strip()), "run.out", cfg.run.out, "the run directory must not be empty")
+    _need(0 <= cfg.run.seed < MAX_SEED, "run.seed", cfg.run.seed, "must be in [0, 2**32)")
+
+
+def check_model(cfg: RunConfig):
+    _init_spec("model.init", cfg.model.init)
+
+
+def _init_spec(key: str, init: str):
+    _need(bool(init.strip()), key, init, "give an HF checkpoint directory or 'preset:NAME'")
+    if init.startswith("preset:"):
+        name = init.removeprefix("preset:")
+        _need(name in PRESETS, key, init, f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+
+
+def check_data(cfg: RunConfig):
+    _at_least("data.max_length", cfg.data.max_length, 2)
+
+
+def check_optim(o, prefix: str = "optim"):
+    """AdamW and the schedule (torch would refuse some of these only when the optimizer is built, with a
+    message that names no key)."""
+    _finite(f"{prefix}.lr", o.lr)
+    _need(o.lr > 0, f"{prefix}.lr", o.lr, "the learning rate must be > 0")
+    _need(len(o.betas) == 2, f"{prefix}.betas", o.betas, "AdamW takes two betas, e.g. [0.9, 0.999]")
+    for i, b in enumerate(o.betas):
+        _fraction(f"{prefix}.betas[{i}]", b, hi_open=True)
+    _finite(f"{prefix}.eps", o.eps)
+    _need(o.eps > 0, f"{prefix}.eps", o.eps, "must be > 0 (Adam divides by sqrt(v) + eps)")
+    _finite(f"{prefix}.weight_decay", o.weight_decay)
+    _at_least(f"{prefix}.weight_decay", o.weight_decay, 0)
+    _fraction(f"{prefix}.warmup_ratio", o.warmup_ratio)
+    _at_least(f"{prefix}.warmup_steps", o.warmup_steps, 0)
+    _fraction(f"{prefix}.min_lr_ratio", o.min_lr_ratio)
+    _finite(f"{prefix}.grad_clip", o.grad_clip)
+    _need(o.grad_clip >= 0, f"{prefix}.grad_clip", o.grad_clip, "the gradient-norm limit must be >= 0 (0: off)")
+
+
+def check_sft_section(cfg: RunConfig):
+    sc = cfg.sft
+    _finite("sft.epochs", sc.epochs)
+    _at_least("sft.epochs", sc.epochs, 0)
+    _at_least("sft.max_steps", sc.max_steps, 0)
+    _need(sc.epochs > 0 or sc.max_steps > 0, "sft.epochs", sc.epochs, "with sft.max_steps=0 there is nothing to "
+          "train: give sft.epochs > 0 or sft.max_steps > 0")
+    _at_least("sft.global_batch", sc.global_batch, 1)
+    _at_least("sft.micro_batch", sc.micro_batch, 1)
+    _at_least("sft.global_batch_tokens", sc.global_batch_tokens, 0)
+
+
+def check_checkpoint_and_log(cfg: RunConfig):
+    _at_least("checkpoint.every", cfg.checkpoint.every, 0)
+    _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
+    _at_least("log.every", cfg.log.every, 1)
+
+
+def check_grpo_section(cfg: RunConfig):
+    g = cfg.grpo
+    if g.init:
+        _init_spec("grpo.init", g.init)
+    _at_least("grpo.steps", g.steps, 0)
+    _finite("grpo.epochs", g.epochs)
+    _at_least("grpo.epochs", g.epochs, 0)
+    _need(g.epochs > 0 or g.steps > 0, "grpo.epochs", g.epochs, "with grpo.steps=0 there is nothing to train: "
+          "give grpo.epochs > 0 or grpo.steps > 0")
+    for key in ("prompts_per_step", "group_size", "micro_batch", "ppo_epochs", "max_prompt_length",
+                "max_new_tokens"):
+        _at_least(f"grpo.{key}", getattr(g, key), 1)
+    for key in ("mini_batch", "top_k", "std_ddof", "norm_length", "ref_reset_every", "overlong_buffer",
+                "max_refill", "exact_kl_rows", "dump_every", "replay_every"):
+        _at_least(f"grpo.{key}", getattr(g, key), 0)
+    _advantage(g)
+    _finite("grpo.temperature", g.temperature)
+    _need(g.temperature > 0, "grpo.temperature", g.temperature, "must be > 0 (log-probs are divided by it; "
+          "GRPO needs sampled, not greedy, groups)")
+    _finite("grpo.top_p", g.top_p)
+    _need(0 < g.top_p <= 1, "grpo.top_p", g.top_p, "must be in (0, 1]")
+    _fraction("grpo.clip_low", g.clip_low, hi_open=True)
+    _finite("grpo.clip_high", g.clip_high)
+    _at_least("grpo.clip_high", g.clip_high, 0)
+    _finite("grpo.dual_clip", g.dual_clip)
+    _need(g.dual_clip == 0 or g.dual_clip > 1, "grpo.dual_clip", g.dual_clip, "must be 0 (off) or > 1")
+    for key in ("adv_eps", "kl_coef", "overlong_penalty"):
+        _finite(f"grpo.{key}", getattr(g, key))
+        _at_least(f"grpo.{key}", getattr(g, key), 0)
+    _finite("grpo.entropy_coef", g.entropy_coef)
+    if g.truncation == "penalty":
+        _need(g.overlong_buffer <= g.max_new_tokens, "grpo.overlong_buffer", g.overlong_buffer,
+              f"the soft zone cannot be longer than grpo.max_new_tokens={g.max_new_tokens}")
+    bad = [s for s in g.replay_steps if s < 1]
+    _need(not bad, "grpo.replay_steps", g.replay_steps, "steps count from 1")
+    _rewards(g)
+    check_optim(g.optim, "grpo.optim")
+
+
+def _advantage(g):
+    """A group of one sample has no baseline (its advantage is 0 under every estimator); 'grpo' also needs
+    more samples than std_ddof for its standard deviation."""
+    need = max(2, g.std_ddof + 1) if g.advantage in ("grpo", "batch_std") else 2
+    what = f"estimator {g.advantage!r}" + (f" with std_ddof={g.std_ddof}" if g.advantage in ("grpo", "batch_std")
+                                            else "")
+    _need(g.group_size >= need, "grpo.group_size", g.group_size, f"{what} needs >= {need} samples per prompt")
+
+
+def _rewards(g):
+    from psyche.rewards import REGISTRY
+
+    _need(len(g.rewards) > 0, "grpo.rewards", g.rewards, f"name at least one of {', '.join(sorted(REGISTRY))}")
+    unknown = [r for r in g.rewards if r not in REGISTRY]
+    _need(not unknown, "grpo.rewards", g.rewards, f"unknown reward function(s) {unknown}; registered: "
+          f"{', '.join(sorted(REGISTRY))}")
+    twice = sorted({r for r in g.rewards if g.rewards.count(r) > 1})
+    _need(not twice, "grpo.rewards", g.rewards, f"{twice} named twice (give one weight per function)")
+    if len(g.rewards) != len(g.reward_weights):
+        raise ConfigError(f"grpo.rewards={g.rewards} and grpo.reward_weights={g.reward_weights}: one weight per "
+                          f"reward function ({len(g.rewards)} functions, {len(g.reward_weights)} weights)")
+    for i, w in enumerate(g.reward_weights):
+        _finite(f"grpo.reward_weights[{i}]", w)
+
+
+def check_sections(cfg: RunConfig):
+    """Every section's ranges and rules that need neither the number of ranks nor any file."""
+    check_run(cfg)
+    check_model(cfg)
+    check_data(cfg)
+    check_optim(cfg.optim)
+    check_sft_section(cfg)
+    check_checkpoint_and_log(cfg)
+    check_grpo_section(cfg)
+
+
+# ============================================================================================================
+# a stage: the rules that depend on the number of ranks and on the stage's inputs
+# ============================================================================================================
+
+def sft_global_rows(cfg: RunConfig) -> int:
+    sc = cfg.sft
+    return sc.global_batch_tokens // cfg.data.max_length if sc.global_batch_tokens > 0 else sc.global_batch
+
+
+def check_sft_batch(cfg: RunConfig, world: int):
+    sc, rows = cfg.sft, sft_global_rows(cfg)
+    if sc.global_batch_tokens > 0:
+        _need(rows >= 1, "sft.global_batch_tokens", sc.global_batch_tokens,
+              f"less than one row of data.max_length={cfg.data.max_length} tokens")
+        what = f"sft.global_batch_tokens={sc.global_batch_tokens} ({rows} rows of {cfg.data.max_length} tokens)"
+    else:
+        what = f"sft.global_batch={rows}"
+    if rows % (sc.micro_batch * world):
+        raise ConfigError(f"{what}, sft.micro_batch={sc.micro_batch}: the global batch must be a multiple of "
+                          f"micro_batch x ranks ({sc.micro_batch} x {world} = {sc.micro_batch * world})")
+
+
+def check_grpo_batch(cfg: RunConfig, world: int):
+    g = cfg.grpo
+    mini = g.mini_batch or g.prompts_per_step
+    if g.prompts_per_step % world:
+        raise ConfigError(f"grpo.prompts_per_step={g.prompts_per_step}: must be a multiple of the number of ranks "
+                          f"({world})")
+    if g.prompts_per_step % mini:
+        raise ConfigError(f"grpo.prompts_per_step={g.prompts_per_step}, grpo.mini_batch={g.mini_batch}: "
+                          "prompts_per_step must be a multiple of mini_batch")
+    if mini % world:
+        raise ConfigError(f"grpo.mini_batch={mini}: must be a multiple of the number of ranks ({world})")
+
+
+def _paths(key: str, paths: list[str]):
+    _need(len(paths) > 0, key, paths, "give at least one JSONL/JSON file")
+    for i, p in enumerate(paths):
+        f = Path(p)
+        if not f.exists():
+            raise ConfigError(f"{key}[{i}] = {p!r}: data file not found")
+        if not f.is_file():
+            raise ConfigError(f"{key}[{i}] = {p!r}: not a file")
+
+
+def model_config(key: str, init: str) -> ModelConfig:
+    """The config of the model a stage starts from: a preset's shapes, or the directory's config.json (read,
+    not built). Raises a ConfigError naming `key` when the directory is missing or holds no config.json."""
+    if init.startswith("preset:"):
+        return ModelConfig(**PRESETS[init.removeprefix("preset:")])
+    path = Path(init)
+    if not path.is_dir():
+        raise ConfigError(f"{key} = {init!r}: no such directory (an HF checkpoint directory, or 'preset:NAME')")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{key} = {init!r}: no config.json there (an HF checkpoint directory, or 'preset:NAME')")
+    return ModelConfig.from_dir(path)
+
+
+def check_sft(cfg: RunConfig, world: int | None = None, files: bool = True):
+    """Everything `run_sft` needs of its config, before it writes or computes anything."""
+    world = world or world_size()
+    check_sections(cfg)
+    check_sft_batch(cfg, world)
+    if files:
+        _paths("data.paths", cfg.data.paths)
+        mc = model_config("model.init", cfg.model.init)
+        _need(cfg.data.max_length <= mc.max_position_embeddings, "data.max_length", cfg.data.max_length,
+              f"longer than the model's max_position_embeddings ({mc.max_position_embeddings}, {cfg.model.init})")
+
+
+def check_grpo(cfg: RunConfig, world: int | None = None, files: bool = True):
+    """Everything `run_grpo` needs of its config, before it writes or computes anything."""
+    world = world or world_size()
+    g = cfg.grpo
+    check_sections(cfg)
+    check_grpo_batch(cfg, world)
+    if files:
+        _paths("grpo.paths", g.paths)
+        key = "grpo.init" if g.init else "model.init"
+        mc = model_config(key, g.init or cfg.model.init)
+        n = g.max_prompt_length + g.max_new_tokens
+        if n > mc.max_position_embeddings:
+            raise ConfigError(f"grpo.max_prompt_length={g.max_prompt_length} + grpo.max_new_tokens={g.max_new_tokens}"
+                              f" = {n}: longer than the model's max_position_embeddings "
+                              f"({mc.max_position_embeddings}, {g.init or cfg.model.init})")
+
+
+STAGES = {"sft": check_sft, "grpo": check_grpo}
+
+
+def check_stage(cfg: RunConfig, stage: str, world: int | None = None, files: bool = True):
+    """Validate `cfg` for `stage` ('sft' or 'grpo'); raises a one-line ConfigError naming the key(s)."""
+    STAGES[stage](cfg, world, files)

@@ -23,6 +23,7 @@ the next save. Loading never unpickles arbitrary objects: torch.load(weights_onl
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -36,7 +37,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from psyche import dist
-from psyche.weights import INDEX_NAME, SINGLE_NAME, atomic_dir, save_state_dict
+from psyche.weights import INDEX_NAME, SINGLE_NAME, CheckpointError, atomic_dir, save_state_dict
 
 CKPT_DIR = "checkpoints"
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -46,8 +47,9 @@ STEP_RE = re.compile(r"^step_(\d{8})$")
 
 def fault(point: str, step: int):
     """Test hook: PSYCHE_FAULT="point@step[@rank]:action" makes this process `sleep` (to be killed from
-    outside), `raise` or `exit` when it reaches `point` at `step`. Points: ckpt_write (inside a checkpoint
-    write, after the weights, before the rename), step_start, step_end. Unset: does nothing."""
+    outside), `raise`, `exit`, or fail a write as a full disk does (`enospc`: OSError ENOSPC) when it reaches
+    `point` at `step`. Points: ckpt_write (inside a checkpoint write, after the weights, before the rename),
+    step_start, step_end. Unset: does nothing."""
     spec = os.environ.get("PSYCHE_FAULT")
     if not spec:
         return
@@ -60,6 +62,8 @@ def fault(point: str, step: int):
         time.sleep(3600)
     elif action == "exit":
         os._exit(3)
+    elif action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     raise RuntimeError(f"PSYCHE_FAULT: injected failure at {point} step {step} on rank {dist.get_rank()}")
 
 
@@ -154,14 +158,41 @@ def _distinct_storage(sd: dict) -> dict:
     return out
 
 
+def _read_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(f))
+    except Exception as e:  # safetensors' own errors, and a missing file
+        raise CheckpointError(f"{f}: cannot be read ({type(e).__name__}: {e})") from None
+
+
 def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF-layout directory (single file or shards listed in the index)."""
     index = path / INDEX_NAME
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [SINGLE_NAME]
     sd = {}
     for f in files:
-        sd.update(load_file(str(path / f)))
+        sd.update(_read_safetensors(path / f))
     return sd
+
+
+def _os_reason(e: OSError) -> str:
+    return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+
+
+def _load_pt(f: Path):
+    """A torch.save file of plain tensors and containers (weights_only: never unpickles arbitrary objects)."""
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not written by save_checkpoint
+        raise CheckpointError(f"{f}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _load_into(model: nn.Module, sd: dict, source: Path):
+    try:
+        load_full_model_state(model, sd)
+    except RuntimeError as e:  # missing, unexpected or misshapen tensors: another model's checkpoint
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{source}: does not fit the model ({' '.join(x.strip() for x in first[:3])})") from None
 
 
 # ---- save / load ----
@@ -181,20 +212,26 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, optimiz
         root.mkdir(parents=True, exist_ok=True)
         for p in root.glob(".step_*"):  # temporaries of writes that were killed
             shutil.rmtree(p, ignore_errors=True)
-        with atomic_dir(final) as tmp:
-            save_state_dict(model_sd, model.config, tmp)
-            if tokenizer is not None:
-                tokenizer.save(tmp)
-            for name, sd in extra_sd.items():
-                save_file(_distinct_storage(sd), str(tmp / f"{name}.safetensors"))
-            if optim_sd is not None:
-                torch.save(optim_sd, tmp / "optimizer.pt")
-            trainer = {"state": state or {}, "rng": rngs, "world_size": dist.get_world_size(),
-                       "scheduler": scheduler.state_dict() if scheduler is not None else None}
-            torch.save(trainer, tmp / "trainer_state.pt")
-            fault("ckpt_write", step)
-            meta = {"step": step, "world_size": dist.get_world_size(), "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-            (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+        try:
+            with atomic_dir(final) as tmp:
+                save_state_dict(model_sd, model.config, tmp)
+                if tokenizer is not None:
+                    tokenizer.save(tmp)
+                for name, sd in extra_sd.items():
+                    save_file(_distinct_storage(sd), str(tmp / f"{name}.safetensors"))
+                if optim_sd is not None:
+                    torch.save(optim_sd, tmp / "optimizer.pt")
+                trainer = {"state": state or {}, "rng": rngs, "world_size": dist.get_world_size(),
+                           "scheduler": scheduler.state_dict() if scheduler is not None else None}
+                torch.save(trainer, tmp / "trainer_state.pt")
+                fault("ckpt_write", step)
+                meta = {"step": step, "world_size": dist.get_world_size(),
+                        "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+                (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+        except OSError as e:  # disk full, quota, permissions: atomic_dir has removed the partial write
+            raise CheckpointError(f"{final}: writing the checkpoint failed ({_os_reason(e)}); nothing was replaced "
+                                  f"or deleted, the last good checkpoint is {latest_checkpoint(run_dir) or 'none'}"
+                                  ) from e
         for old in list_checkpoints(run_dir)[:-max(1, keep_last)]:
             trash = old.with_name(f".step_trash_{old.name}")
             os.replace(old, trash)  # out of sight first, so a half-deleted directory is never a checkpoint
@@ -212,13 +249,14 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer=None, sched
     model_sd = read_safetensors_dir(path) if main else {}
     if main and getattr(model.config, "tie_word_embeddings", False):
         model_sd.setdefault("lm_head.weight", model_sd["model.embed_tokens.weight"])
-    load_full_model_state(model, model_sd)
+    _load_into(model, model_sd, path)
     for name, m in (extra_models or {}).items():
-        load_full_model_state(m, load_file(str(path / f"{name}.safetensors")) if main else {})
+        f = path / f"{name}.safetensors"
+        _load_into(m, _read_safetensors(f) if main else {}, f)
     if optimizer is not None:
-        osd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) if main else {}
+        osd = _load_pt(path / "optimizer.pt") if main else {}
         _set_optim_state(model, optimizer, osd)
-    trainer = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True) if main else None
+    trainer = _load_pt(path / "trainer_state.pt") if main else None
     trainer = dist.broadcast_object(trainer)
     if scheduler is not None and trainer["scheduler"] is not None:
         scheduler.load_state_dict(trainer["scheduler"])
@@ -243,6 +281,9 @@ def export_hf(model: nn.Module, path: str | Path, tokenizer=None, dtype: torch.d
     if dist.is_main():
         if dtype is not None:
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        save_pretrained(model, path, max_shard_size=max_shard_size, tokenizer=tokenizer, state_dict=sd)
+        try:
+            save_pretrained(model, path, max_shard_size=max_shard_size, tokenizer=tokenizer, state_dict=sd)
+        except OSError as e:  # written atomically: a previous export at `path` is still whole
+            raise CheckpointError(f"{path}: writing the exported model failed ({_os_reason(e)})") from e
     dist.barrier()
     return Path(path)

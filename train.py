@@ -22,42 +22,55 @@ import click
 @click.option("--seeds", default=None, metavar="N|S1,S2,...", help="Run each sweep cell with N seeds (or these).")
 @click.option("--print-commands", is_flag=True, help="With --sweep/--seeds: print torchrun commands, run nothing.")
 @click.option("--nproc", default=1, show_default=True, help="Processes per torchrun command (--print-commands).")
-def main(stage, config_path, overrides, out, sweeps, seeds, print_commands, nproc):
-    """Train and evaluate Psyche-R1 style models."""
-    if sweeps or seeds:  # a grid of runs of one stage, each in its own directory
-        from psyche.sweep import sweep_main
+@click.option("--debug", is_flag=True, help="Show the traceback of every error (also: PSYCHE_DEBUG=1).")
+def main(stage, config_path, overrides, out, sweeps, seeds, print_commands, nproc, debug):
+    """Train and evaluate Psyche-R1 style models.
 
-        return sweep_main(stage, config_path, overrides, out, sweeps, seeds, print_commands, nproc)
-    if stage in ("sft", "grpo") and config_path is not None:
-        import os
+    Bad input (config, data, checkpoint, tokenizer) and a failed run (non-finite loss or reward, a checkpoint
+    that cannot be written) end with one line `Error: ...` and exit status 1; a traceback means a bug."""
+    from psyche.cli import reported
 
+    with reported(debug):
+        if sweeps or seeds:  # a grid of runs of one stage, each in its own directory
+            from psyche.sweep import sweep_main
+
+            return sweep_main(stage, config_path, overrides, out, sweeps, seeds, print_commands, nproc)
+        sets = list(overrides) + ([f"run.out={_toml_str(out)}"] if out else [])
+        if config_path is not None:
+            if stage not in ("sft", "grpo"):
+                raise click.UsageError(f"--config works with --stage sft or --stage grpo, not --stage {stage} "
+                                       "(without --config every stage belongs to the embedded default)")
+            return _train(stage, config_path, sets)
+        _embedded(stage, sets)
+
+
+def _train(stage: str, config_path: str, sets: list[str]):
+    """One stage on the config's data, alone or under torchrun (run_sft / run_grpo check the whole config first)."""
+    import os
+
+    from psyche.config import load_run_config
+
+    cfg = load_run_config(config_path, sets)
+    if stage == "sft":
+        from psyche.sft import run_sft as run
+    else:
+        from psyche.grpo_run import run_grpo as run
+    if "TORCHELASTIC_RUN_ID" in os.environ:
         from torch.distributed.elastic.multiprocessing.errors import record
 
-        from psyche.config import ConfigError, load_run_config
-        from psyche.data import DataError
-        from psyche.sft import NonFiniteLossError
+        run = record(run)  # a bug's traceback goes into the launcher's failure summary
+    run(cfg)
 
-        if stage == "sft":
-            from psyche.sft import run_sft as run
-        else:
-            from psyche.grpo_run import run_grpo as run
-        try:
-            cfg = load_run_config(config_path, list(overrides) + ([f"run.out={_toml_str(out)}"] if out else []))
-            # under torchrun, `record` puts this rank's traceback into the launcher's failure summary
-            (record(run) if "TORCHELASTIC_RUN_ID" in os.environ else run)(cfg)
-        except (ConfigError, DataError, NonFiniteLossError, FloatingPointError) as e:
-            raise click.ClickException(str(e)) from None
-        return
 
-    from psyche.config import ConfigError, load_run_config
+def _embedded(stage: str, sets: list[str]):
+    """The embedded default (psyche/recipe.py); its SFT and GRPO settings are checked before any stage runs."""
+    from psyche.config import load_run_config
     from psyche.recipe import embedded_config, run_recipe
+    from psyche.validate import check_sections
 
-    try:
-        cfg = load_run_config(None, list(overrides) + ([f"run.out={_toml_str(out)}"] if out else []),
-                              cls=embedded_config)
-        run_recipe(cfg, stage, log=click.echo)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
+    cfg = load_run_config(None, sets, cls=embedded_config)
+    check_sections(cfg)
+    run_recipe(cfg, stage, log=click.echo)
 
 
 def _toml_str(s: str) -> str:

@@ -2,13 +2,77 @@
 
 Subcommands live beside the code they drive and are imported only when invoked, so `psyche --help` stays
 fast and a missing optional dependency only affects its own command.
+
+Errors: the project's own errors (bad input, a failed run; see `user_errors`) end every command, and
+`python train.py`, with one line `Error: ...` on stderr and exit status 1; a traceback means a bug. `--debug`
+(or PSYCHE_DEBUG=1) keeps the traceback of every error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
+import os
+import time
 
 import click
+
+DEBUG_ENV = "PSYCHE_DEBUG"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are the input's fault or the environment's, not the code's: reported as one line.
+    OSError covers missing files, permissions and a full disk."""
+    from psyche.config import ConfigError
+    from psyche.data import DataError
+    from psyche.pceb import BenchmarkError
+    from psyche.pipeline.io import PipelineError
+    from psyche.rewards import RewardError
+    from psyche.sft import NonFiniteLossError
+    from psyche.tokenizer import TokenizerError
+    from psyche.weights import CheckpointError
+
+    return (ConfigError, DataError, CheckpointError, TokenizerError, NonFiniteLossError, FloatingPointError,
+            RewardError, BenchmarkError, PipelineError, OSError)
+
+
+def one_line(e: BaseException) -> str:
+    """The error's message on one line (an OSError as `path: reason`)."""
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def debugging(flag: bool = False) -> bool:
+    return flag or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def reported(debug: bool = False):
+    """Turn the project's own errors raised inside into `Error: <one line>` and exit status 1 (unless debugging).
+
+    Under torchrun the line also goes into this rank's error file, so the launcher's failure summary shows it
+    rather than a traceback; a ConfigError (raised alike on every rank, before any process group) is printed
+    by rank 0 only."""
+    try:
+        yield
+    except Exception as e:
+        if debugging(debug) or not isinstance(e, user_errors()):
+            raise
+        line = one_line(e)
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if error_file:
+            with contextlib.suppress(OSError):
+                with open(error_file, "w") as f:
+                    json.dump({"message": line, "timestamp": int(time.time())}, f)
+        from psyche.config import ConfigError
+
+        if isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0":
+            raise click.exceptions.Exit(1) from None
+        raise click.ClickException(line) from None
 
 # name -> "module:attribute" of a click command
 COMMANDS = {
@@ -32,6 +96,10 @@ class LazyGroup(click.Group):
     def get_command(self, ctx, name):
         return self._find(name)
 
+    def invoke(self, ctx):
+        with reported(ctx.params.get("debug", False)):
+            return super().invoke(ctx)
+
     @staticmethod
     def _find(name):
         if name not in COMMANDS:
@@ -46,7 +114,8 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-def main():
+@click.option("--debug", is_flag=True, help=f"Show the traceback of every error (also: {DEBUG_ENV}=1).")
+def main(debug):
     """psyche: Psyche-R1 in plain PyTorch. Tools for models, evaluation, data and analysis."""
 
 

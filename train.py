@@ -66,10 +66,10 @@ def _embedded(stage: str, sets: list[str]):
     """The embedded default (psyche/recipe.py); its SFT and GRPO settings are checked before any stage runs."""
     from psyche.config import load_run_config
     from psyche.recipe import embedded_config, run_recipe
-    from psyche.validate import check_sections
+    from psyche.validate import check_settings
 
     cfg = load_run_config(None, sets, cls=embedded_config)
-    check_sections(cfg)
+    check_settings(cfg)
     run_recipe(cfg, stage, log=click.echo)
 
 

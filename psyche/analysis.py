@@ -15,14 +15,36 @@ from pathlib import Path
 
 import click
 
-from psyche.metrics import METRICS_NAME, read_metrics
+from psyche.data import DataError
+from psyche.metrics import METRICS_NAME
 
 DEFAULT_METRICS = ("reward_mean", "accuracy", "kl", "entropy", "response_length_mean")
 LOWER_IS_BETTER = ("loss", "kl", "gap", "err", "bias", "time_", "truncation", "zero_std", "grad_norm")
 SEED_DIR = re.compile(r"^seed(-?\d+)$")
 
 
-# ---- finding runs ----
+# ---- reading runs ----
+
+def read_metrics(run_dir) -> list[dict]:
+    """Every row of RUN_DIR/metrics.jsonl ([] when there is none); a line that is not a JSON object is a
+    DataError naming the file and line (a run killed mid-write can leave a cut last line)."""
+    path = Path(run_dir) / METRICS_NAME
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: invalid JSON (column {e.colno}): {e.msg}") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise DataError(f"{path}:{n}: expected a JSON object with a 'step', got {line[:60]!r}")
+        rows.append(row)
+    return rows
+
+
 
 def find_runs(paths) -> list[Path]:
     """Run directories named by `paths` (a run, a sweep directory, or a parent of runs), in order, once each."""
@@ -334,7 +356,12 @@ def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_ou
     dump = Path(dump)
     if not (dump / "step.json").is_file():
         raise click.ClickException(f"{dump}: not a step dump (no step.json); dumps live in RUN_DIR/replay/step_XXXX")
-    meta, batch = load_step_dump(dump)
+    from safetensors import SafetensorError
+
+    try:
+        meta, batch = load_step_dump(dump)
+    except (ValueError, KeyError, IndexError, OSError, SafetensorError) as e:  # a damaged or partial dump
+        raise DataError(f"{dump}: not a readable step dump ({type(e).__name__}: {e})") from None
     cfg = load_run_config(dump / "config.toml")
     ckpt = latest_checkpoint(dump)
     model = build_model_for_training(ckpt, torch.device("cpu"))
@@ -363,7 +390,10 @@ def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_ou
     replayed = update_policy(model, optimizer, batch, lc, **kw, clip_fn=dist.clip_grad_norm_, diag=diag)
     logged = None
     if (dump / "logged.json").is_file():
-        logged = json.loads((dump / "logged.json").read_text())
+        try:
+            logged = json.loads((dump / "logged.json").read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{dump / 'logged.json'}:{e.lineno}: invalid JSON: {e.msg}") from None
     else:  # a dump whose run stopped before logging: look in the run's metrics
         logged = next((r for r in read_metrics(dump.parents[1]) if r["step"] == meta["step"]), None)
     return {"step": meta["step"], "world_size": meta["world_size"], "logged": logged, "replayed": replayed,

@@ -57,10 +57,12 @@ def trim_history(tok, messages, system, budget):
 @click.option("--preset", type=click.Choice(["psyche", "plain"]), default="psyche", show_default=True,
               help="psyche: the Psyche-R1 system prompt and user-turn prefix; plain: the tokenizer's default.")
 @click.option("--system", default=None, help="System prompt (overrides the preset's).")
-@click.option("--temperature", default=PSYCHE_TEMPERATURE, show_default=True)
-@click.option("--top-p", default=PSYCHE_TOP_P, show_default=True)
-@click.option("--top-k", default=0, show_default=True)
-@click.option("--max-new-tokens", default=1024, show_default=True)
+@click.option("--temperature", default=PSYCHE_TEMPERATURE, show_default=True, type=click.FloatRange(min=0),
+              help="0 = greedy.")
+@click.option("--top-p", default=PSYCHE_TOP_P, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
+@click.option("--max-new-tokens", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="Most tokens per reply (less than the model's context).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -74,6 +76,9 @@ def chat(model_dir, preset, system, temperature, top_p, top_k, max_new_tokens, s
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_pretrained(model_dir, dtype=getattr(torch, dtype) if dtype else None, device=device)
+    if max_new_tokens >= cfg.max_position_embeddings:
+        raise click.BadParameter(f"{max_new_tokens} leaves no room for the prompt in this model's context "
+                                 f"({cfg.max_position_embeddings} tokens)", param_hint="--max-new-tokens")
     tok = Tokenizer.from_dir(model_dir)
     prefix = PSYCHE_USER_PREFIX if preset == "psyche" else ""
     system = system if system is not None else (PSYCHE_SYSTEM if preset == "psyche" else tok.default_system)

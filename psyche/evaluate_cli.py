@@ -57,13 +57,13 @@ def _bench_options(f):
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Checkpoint directory (config.json, safetensors, tokenizer).")
 @_bench_options
-@click.option("--limit", type=int, default=None, help="At most N items of each category and type.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N items of each category and type.")
 @click.option("--prompt", "style", default="psyche", show_default=True, type=click.Choice(["psyche", "pceb"]),
               help="Psyche-R1's chat prompt, or the exam-style prompt.")
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--max-new-tokens", default=1024, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-new-tokens", default=1024, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default=None, help="Default: cuda if available, else cpu.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),

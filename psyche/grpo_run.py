@@ -293,16 +293,6 @@ def run_grpo(cfg: RunConfig) -> Path:
         ref, _ = load_pretrained(init_dir, dtype=compute_dtype, device="cpu" if gc.ref_offload else device)
         ref.requires_grad_(False).eval()
     optimizer = build_optimizer(policy, gc.optim)
-    if dist.is_main():  # the inputs are read and the model is built: only now is the run directory written
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved = run_dir / "config.toml"
-        try:
-            diff = config_diff(load_run_config(saved), cfg) if saved.is_file() else []
-        except ConfigError as e:
-            diff = [f"(previous config unreadable: {e})"]
-        if diff:
-            print("config differs from the run directory's previous config.toml:\n  " + "\n  ".join(diff))
-        saved.write_text(to_toml(cfg))
     steps_per_epoch = max(1, len(prompts) // gc.prompts_per_step)
     total = gc.steps if gc.steps > 0 else math.ceil(gc.epochs * steps_per_epoch)
     scheduler, warmup = build_scheduler(optimizer, gc.optim, total)
@@ -324,6 +314,16 @@ def run_grpo(cfg: RunConfig) -> Path:
         state = load_checkpoint(ckpt, model=policy, optimizer=optimizer, scheduler=scheduler, extra_models=extra)
         start, elapsed0, pos = state["step"], state["elapsed"], state["prompt_position"]
         dist.print0(f"resumed from {ckpt} at step {start}")
+    if dist.is_main():  # inputs read, model built, checkpoint loaded: only now is the run dir written
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved = run_dir / "config.toml"
+        try:
+            diff = config_diff(load_run_config(saved), cfg) if saved.is_file() else []
+        except ConfigError as e:
+            diff = [f"(previous config unreadable: {e})"]
+        if diff:
+            print("config differs from the run directory's previous config.toml:\n  " + "\n  ".join(diff))
+        saved.write_text(to_toml(cfg))
     stream = PromptStream(len(prompts), cfg.run.seed, pos)
     logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, enabled=dist.is_main(),
                            resume_step=start if ckpt is not None else 0)

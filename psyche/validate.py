@@ -11,8 +11,8 @@ and the rule, e.g.
 
 Why here and not in the loops: a rule checked where a value is first used fires after the data was read, the
 model built or the first rollout sampled, sometimes after the run directory was written. `run_sft` and
-`run_grpo` call `check_stage` first; `python train.py` without --config calls `check_sections` on the embedded
-default's settings (its data and models are made by the recipe, so there are no files to check yet).
+`run_grpo` call `check_sft` / `check_grpo` first; `python train.py` without --config calls `check_settings` on
+the embedded default's settings (its data and models are made by the recipe, so there are no files to check).
 
 Reading a model's config.json is the only file access (a few hundred bytes); no model is built.
 """
@@ -281,6 +281,14 @@ def check_grpo(cfg: RunConfig, world: int | None = None, files: bool = True):
             raise ConfigError(f"grpo.max_prompt_length={g.max_prompt_length} + grpo.max_new_tokens={g.max_new_tokens}"
                               f" = {n}: longer than the model's max_position_embeddings "
                               f"({mc.max_position_embeddings}, {g.init or cfg.model.init})")
+
+
+def check_settings(cfg: RunConfig, world: int = 1):
+    """Both stages' settings without their inputs: the embedded default (`python train.py`), whose data and models
+    the recipe makes as it goes, runs its SFT and GRPO stages in one process."""
+    check_sections(cfg)
+    check_sft_batch(cfg, world)
+    check_grpo_batch(cfg, world)
 
 
 STAGES = {"sft": check_sft, "grpo": check_grpo}

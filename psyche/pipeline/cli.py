@@ -19,15 +19,20 @@ def _backend_opts(f):
     opts = [
         click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True,
                      help="Environment variable with the API key (HTTP backends)."),
-        click.option("--timeout", default=120.0, show_default=True, help="HTTP timeout per read, seconds."),
-        click.option("--retries", default=3, show_default=True, help="HTTP retries after the first attempt."),
-        click.option("--backoff", default=1.0, show_default=True, help="First retry delay, seconds; doubles."),
-        click.option("--concurrency", default=8, show_default=True, help="HTTP requests in flight."),
+        click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                     help="HTTP timeout per read, seconds."),
+        click.option("--retries", default=3, show_default=True, type=click.IntRange(min=0),
+                     help="HTTP retries after the first attempt."),
+        click.option("--backoff", default=1.0, show_default=True, type=click.FloatRange(min=0),
+                     help="First retry delay, seconds; doubles."),
+        click.option("--concurrency", default=8, show_default=True, type=click.IntRange(min=1),
+                     help="HTTP requests in flight."),
         click.option("--device", default=None, help="Local backends: cpu or cuda (default: cuda if available)."),
         click.option("--dtype", default=None, help="Local backends: float32, bfloat16, ..."),
-        click.option("--temperature", default=0.7, show_default=True),
-        click.option("--top-p", default=0.9, show_default=True),
-        click.option("--max-tokens", default=1024, show_default=True, help="Most tokens per reply."),
+        click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(0, 2)),
+        click.option("--top-p", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True)),
+        click.option("--max-tokens", default=1024, show_default=True, type=click.IntRange(min=1),
+                     help="Most tokens per reply."),
         click.option("--seed", default=0, show_default=True, help="Base seed; each request's seed derives from it."),
     ]
     for o in reversed(opts):
@@ -40,8 +45,10 @@ def _step_opts(f):
         click.option("--log", "log_path", default=None, type=click.Path(dir_okay=False),
                      help="The step's log (default: OUT with .log.jsonl)."),
         click.option("--overwrite", is_flag=True, help="Start again: delete the outputs and the log first."),
-        click.option("--limit", default=None, type=int, help="Process at most this many new items."),
-        click.option("--batch-size", default=16, show_default=True, help="Items per batch (and per commit)."),
+        click.option("--limit", default=None, type=click.IntRange(min=0),
+                     help="Process at most this many new items."),
+        click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+                     help="Items per batch (and per commit)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
     for o in reversed(opts):
@@ -92,18 +99,22 @@ def data():
 @click.argument("inp", metavar="IN", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--field", default="text", show_default=True, help="The record field holding the text.")
-@click.option("--min-chars", default=20, show_default=True, help="Drop texts shorter than this after cleaning.")
-@click.option("--threshold", default=0.8, show_default=True, help="Near-duplicate Jaccard threshold (MinHash-LSH).")
-@click.option("--num-perm", default=128, show_default=True, help="MinHash permutations.")
-@click.option("--ngram", default=5, show_default=True, help="Character n-gram size of the shingles.")
+@click.option("--min-chars", default=20, show_default=True, type=click.IntRange(min=0),
+              help="Drop texts shorter than this after cleaning.")
+@click.option("--threshold", default=0.8, show_default=True, type=click.FloatRange(0, 1),
+              help="Near-duplicate Jaccard threshold (MinHash-LSH).")
+@click.option("--num-perm", default=128, show_default=True, type=click.IntRange(min=1), help="MinHash permutations.")
+@click.option("--ngram", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Character n-gram size of the shingles.")
 @_step_opts
 @_errors
 def clean_cmd(inp, out, field, min_chars, threshold, num_perm, ngram, log_path, overwrite, limit, batch_size, quiet):
     """Strip emoji, ads and links, normalise punctuation, drop near-duplicates: IN -> OUT (JSONL)."""
     from psyche.pipeline.clean import clean_records
 
+    records = read_records(inp)  # the whole input is parsed before anything is written
     j = Journal({"out": out}, log_path, overwrite)
-    _run(j, lambda: clean_records(read_records(inp), j, field=field, min_chars=min_chars, threshold=threshold,
+    _run(j, lambda: clean_records(records, j, field=field, min_chars=min_chars, threshold=threshold,
                                   num_perm=num_perm, ngram=ngram, limit=limit, progress=not quiet))
 
 
@@ -113,9 +124,11 @@ def clean_cmd(inp, out, field, min_chars, threshold, num_perm, ngram, log_path, 
 @click.option("--backend", "spec", required=True, help="Generator: local:CKPT or MODEL@URL.")
 @click.option("--checker", default=None, help="Quality checker backend (default: the generator).")
 @click.option("--no-check", is_flag=True, help="Skip the quality check.")
-@click.option("-n", "--per-passage", default=3, show_default=True, help="Questions asked for per passage.")
+@click.option("-n", "--per-passage", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Questions asked for per passage.")
 @click.option("--field", default="text", show_default=True, help="The record field holding the passage.")
-@click.option("--threshold", default=0.8, show_default=True, help="Near-duplicate Jaccard threshold.")
+@click.option("--threshold", default=0.8, show_default=True, type=click.FloatRange(0, 1),
+              help="Near-duplicate Jaccard threshold.")
 @click.option("--lang", type=click.Choice(LANGS), default="zh", show_default=True, help="Prompt language.")
 @_backend_opts
 @_step_opts
@@ -125,11 +138,12 @@ def questions_cmd(inp, out, spec, checker, no_check, per_passage, field, thresho
     """Generate A-D multiple-choice questions from passages: IN (JSONL with text) -> OUT (MC items)."""
     from psyche.pipeline.questions import generate_questions
 
+    records = read_records(inp)  # the whole input is parsed before anything is written
     o["batch_size"] = batch_size
     gen = _backend(spec, o)
     chk = _backend(checker, o) if checker else None
     j = Journal({"out": out}, log_path, overwrite)
-    _run(j, lambda: generate_questions(read_records(inp), j, gen, checker=chk, check=not no_check, n=per_passage,
+    _run(j, lambda: generate_questions(records, j, gen, checker=chk, check=not no_check, n=per_passage,
                                        lang=lang, field=field, threshold=threshold, batch_size=batch_size, limit=limit,
                                        progress=not quiet, **_sampling(o)))
 
@@ -138,7 +152,8 @@ def questions_cmd(inp, out, spec, checker, no_check, per_passage, field, thresho
 @click.argument("inp", metavar="IN", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--backend", "spec", required=True, help="local:CKPT or MODEL@URL.")
-@click.option("--rounds", default=2, show_default=True, help="Prompt-revision rounds (T) after the first rationale.")
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Prompt-revision rounds (T) after the first rationale.")
 @click.option("--lang", type=click.Choice(LANGS), default="zh", show_default=True, help="Prompt language.")
 @_backend_opts
 @_step_opts
@@ -147,10 +162,11 @@ def rationales_cmd(inp, out, spec, rounds, lang, log_path, overwrite, limit, bat
     """Write verified rationales for MC items, refined over T rounds: IN -> OUT (items with analysis)."""
     from psyche.pipeline.rationales import write_rationales
 
+    records = read_records(inp)  # the whole input is parsed before anything is written
     o["batch_size"] = batch_size
     b = _backend(spec, o)
     j = Journal({"out": out}, log_path, overwrite)
-    _run(j, lambda: write_rationales(read_records(inp), j, b, rounds=rounds, lang=lang, batch_size=batch_size,
+    _run(j, lambda: write_rationales(records, j, b, rounds=rounds, lang=lang, batch_size=batch_size,
                                      limit=limit, progress=not quiet, **_sampling(o)))
 
 
@@ -159,8 +175,10 @@ def rationales_cmd(inp, out, spec, rounds, lang, log_path, overwrite, limit, bat
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--backend", "spec", required=True, help="local:CKPT or MODEL@URL.")
 @click.option("--lang", type=click.Choice(LANGS), default="zh", show_default=True, help="Prompt language.")
-@click.option("--min-chars", default=5, show_default=True, help="Shortest acceptable rewritten reply.")
-@click.option("--max-ratio", default=4.0, show_default=True, help="Longest rewrite, as a multiple of the original.")
+@click.option("--min-chars", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Shortest acceptable rewritten reply.")
+@click.option("--max-ratio", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Longest rewrite, as a multiple of the original.")
 @_backend_opts
 @_step_opts
 @_errors
@@ -168,10 +186,11 @@ def empathy_cmd(inp, out, spec, lang, min_chars, max_ratio, log_path, overwrite,
     """Rewrite counsellor replies empathetically: IN (dialogues) -> OUT (messages JSONL)."""
     from psyche.pipeline.empathy import rewrite_dialogues
 
+    records = read_records(inp)  # the whole input is parsed before anything is written
     o["batch_size"] = batch_size
     b = _backend(spec, o)
     j = Journal({"out": out}, log_path, overwrite)
-    _run(j, lambda: rewrite_dialogues(read_records(inp), j, b, lang=lang, min_chars=min_chars, max_ratio=max_ratio,
+    _run(j, lambda: rewrite_dialogues(records, j, b, lang=lang, min_chars=min_chars, max_ratio=max_ratio,
                                       batch_size=batch_size, limit=limit, progress=not quiet, **_sampling(o)))
 
 
@@ -182,7 +201,8 @@ def empathy_cmd(inp, out, spec, lang, min_chars, max_ratio, log_path, overwrite,
 @click.option("--non-challenge", "rest", required=True, type=click.Path(dir_okay=False),
               help="Output for the other items (SFT).")
 @click.option("--selector", "specs", multiple=True, required=True, help="A selector backend; repeat for several.")
-@click.option("-k", "--samples", default=1, show_default=True, help="Answers per selector per item (pass@k).")
+@click.option("-k", "--samples", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Answers per selector per item (pass@k).")
 @click.option("--style", type=click.Choice(["psyche", "pceb"]), default="psyche", show_default=True,
               help="Question prompt: Psyche-R1's chat prompt or the exam template.")
 @click.option("--no-early-stop", is_flag=True, help="Ask every selector even once one has solved the item.")
@@ -194,8 +214,9 @@ def select_cmd(inp, challenge, rest, specs, samples, style, no_early_stop, log_p
     """Split MC items into challenge (every selector wrong) and non-challenge items."""
     from psyche.pipeline.select import select_step
 
+    records = read_records(inp)  # the whole input is parsed before anything is written
     o["batch_size"] = batch_size
     selectors = [_backend(s, o) for s in specs]
     j = Journal({"challenge": challenge, "non_challenge": rest}, log_path, overwrite)
-    _run(j, lambda: select_step(read_records(inp), j, selectors, k=samples, style=style, early_stop=not no_early_stop,
+    _run(j, lambda: select_step(records, j, selectors, k=samples, style=style, early_stop=not no_early_stop,
                                 batch_size=batch_size, limit=limit, progress=not quiet, **_sampling(o)))

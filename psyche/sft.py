@@ -203,19 +203,6 @@ def run_sft(cfg: RunConfig) -> Path:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler, warmup = build_scheduler(optimizer, cfg.optim, total)
     amp = dist.autocast(model, device, compute_dtype)
-
-    # ---- config ----
-    saved_cfg = run_dir / "config.toml"
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if saved_cfg.is_file():
-            try:
-                diff = config_diff(load_run_config(saved_cfg, cls=type(cfg)), cfg)
-            except ConfigError as e:
-                diff = [f"(previous config unreadable: {e})"]
-            if diff:
-                print("config differs from the run directory's previous config.toml:\n  " + "\n  ".join(diff))
-        saved_cfg.write_text(to_toml(cfg))
     dist.print0(f"model: {model_cfg.num_params():,} parameters from {init_dir}; compute {compute_dtype}, "
                 f"{'FSDP2 over ' + str(world) + ' ranks' if dist.is_sharded(model) else 'unsharded'}\n"
                 f"batch: {global_batch} {'packed rows' if cfg.data.packing else 'samples'} per step = "
@@ -233,6 +220,19 @@ def run_sft(cfg: RunConfig) -> Path:
                     f"batch {state['data']['batch']})")
         if state.get("data_fingerprint") != fingerprint:
             dist.print0("warning: the tokenised data differs from the checkpoint's; the data position is reused")
+
+    # ---- config (written once the inputs are read, the model built and any checkpoint loaded) ----
+    saved_cfg = run_dir / "config.toml"
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if saved_cfg.is_file():
+            try:
+                diff = config_diff(load_run_config(saved_cfg, cls=type(cfg)), cfg)
+            except ConfigError as e:
+                diff = [f"(previous config unreadable: {e})"]
+            if diff:
+                print("config differs from the run directory's previous config.toml:\n  " + "\n  ".join(diff))
+        saved_cfg.write_text(to_toml(cfg))
     logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, enabled=dist.is_main(),
                            resume_step=start if ckpt is not None else 0)
 

@@ -3,16 +3,21 @@
     psyche serve ckpt/ --port 8000            # http://127.0.0.1:8000/v1/chat/completions, /v1/models
 
 Two parts:
-- `Engine`: turns generation requests into `sampler.generate` calls. Requests that share sampling settings
-  (temperature, top_p, top_k, min_p) run as rows of one batch; each row has its own seed and its own
-  max_tokens, so a row's output is what the sampler gives for it alone (the sampler's per-row seeds make rows
-  independent of their batch mates; rows with a smaller max_tokens are cut, and their request completes as
-  soon as its rows are done, while the batch runs on). `Engine.run` is synchronous (the pipeline's local
-  backend uses it); `Engine.start` adds a queue and one worker thread that gathers whatever is waiting into
-  one batch, which is how concurrent HTTP requests get batched.
+- `Engine`: runs generation requests through the sampler's steps (prefill, sample, decode_one_token; the loop
+  of `sampler.generate`, with rows that can leave early). Requests that share sampling settings (temperature,
+  top_p, top_k, min_p) run as rows of one batch; each row has its own seed and its own max_tokens, so a row's
+  output is what `sampler.generate` gives for it alone (per-row seeds make rows independent of their batch
+  mates). A row leaves the batch when it ends: its stop token, its own max_tokens, or its request cancelled
+  (a client that disconnected); left rows are dropped from the KV cache like finished ones, a batch whose
+  rows have all left ends at once, and a cancelled request still in the queue is never started.
+  `Engine.run` is synchronous (the pipeline's local backend uses it); `Engine.start` adds a queue and one
+  worker thread that gathers whatever is waiting into one batch, which is how concurrent HTTP requests get
+  batched.
 - The HTTP layer (standard library ThreadingHTTPServer, one thread per connection, HTTP/1.0: a connection
   carries one request): validates each request strictly and answers errors as OpenAI-style JSON
-  {"error": {"message", "type", "param", "code"}} with a 4xx status, then keeps serving.
+  {"error": {"message", "type", "param", "code"}} with a 4xx status, then keeps serving. With an API key
+  (--api-key or PSYCHE_API_KEY) every request must carry `Authorization: Bearer <key>` (401 otherwise), as
+  with OpenAI and vLLM. A client that disconnects (while queued, generating or streaming) cancels its request.
 
 Request rules (POST /v1/chat/completions, a JSON object):
 - fields: messages (required), model, max_tokens / max_completion_tokens, temperature, top_p, top_k, min_p,
@@ -35,9 +40,13 @@ default system prompt is used (as Hugging Face chat templates do).
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import queue
 import random
+import select
+import socket
 import sys
 import threading
 import time
@@ -48,6 +57,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import click
 
 MAX_N = 16
+API_KEY_ENV = "PSYCHE_API_KEY"
 ROLES = ("system", "user", "assistant")
 FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
           "n", "seed", "stream", "stream_options", "stop", "user"}
@@ -71,9 +81,14 @@ class GenRequest:
     finished: list = field(default_factory=list)  # n bools: ended on a stop token
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # set by `cancel`: nobody waits for it
 
     def sampling_key(self):
         return (self.temperature, self.top_p, self.top_k, self.min_p)
+
+    def cancel(self):
+        """The client went away: the engine stops this request's rows (or never starts them) and sets `done`."""
+        self.cancelled.set()
 
 
 class Overloaded(RuntimeError):
@@ -90,7 +105,8 @@ class Engine:
         self.stop_ids = set(tokenizer.stop_ids)
         self.queue: queue.Queue = queue.Queue(max_queue)
         self.lock = threading.Lock()  # one generate call at a time
-        self.calls, self.rows_max = 0, 0  # statistics: generate calls, most rows in one call
+        self.calls, self.rows_max = 0, 0  # statistics: sampler batches, most rows in one batch
+        self.cancelled, self.rows_freed = 0, 0  # cancelled requests; rows that left a batch before their end
         self._thread = None
         self._pending: list[GenRequest] = []
 
@@ -101,6 +117,10 @@ class Engine:
         groups: dict[tuple, list[GenRequest]] = {}
         for r in requests:
             r.tokens, r.finished = [[] for _ in range(r.n)], [False] * r.n
+            if r.cancelled.is_set():  # its client left while it waited: never started
+                self.cancelled += 1
+                r.done.set()
+                continue
             if len(r.prompt) + r.max_tokens > self.max_len or not r.prompt or r.max_tokens < 1:
                 self._fail(r, f"prompt ({len(r.prompt)}) + max_tokens ({r.max_tokens}) does not fit the context "
                               f"({self.max_len})")
@@ -121,44 +141,79 @@ class Engine:
     def _generate(self, batch: list[GenRequest]):
         import torch
 
-        from psyche.sampler import generate, row_seeds
-
         owner = [(r, j) for r in batch for j in range(r.n)]  # row -> (request, sample index)
-        prompts = [r.prompt for r, _ in owner]
-        seeds = torch.cat([row_seeds(r.seed, r.n) for r in batch])
-        left = [r.n for r in batch]  # rows still running, per request
-        index = {id(r): i for i, r in enumerate(batch)}
-        first = batch[0]
-
-        def on_token(step, rows, toks):
-            for row, t in zip(rows.tolist(), toks.tolist()):
-                r, j = owner[row]
-                if r.done.is_set() or len(r.tokens[j]) >= r.max_tokens or r.finished[j]:
-                    continue
-                r.tokens[j].append(t)
-                r.finished[j] = t in self.stop_ids
-                if r.on_token is not None:
-                    r.on_token(j, t)
-                if r.finished[j] or len(r.tokens[j]) >= r.max_tokens:
-                    i = index[id(r)]
-                    left[i] -= 1
-                    if left[i] == 0:
-                        r.done.set()
-
         try:
-            with self.lock:
+            with self.lock, torch.no_grad():
                 self.calls += 1
-                self.rows_max = max(self.rows_max, len(prompts))
-                generate(self.model, prompts, n=1, max_new_tokens=max(r.max_tokens for r in batch),
-                         temperature=first.temperature, top_p=first.top_p, top_k=first.top_k, min_p=first.min_p,
-                         stop_token_ids=sorted(self.stop_ids), pad_id=self.tok.pad_id, seeds=seeds,
-                         on_token=on_token)
+                self.rows_max = max(self.rows_max, len(owner))
+                self._decode(batch, owner)
         except Exception as e:  # a failed batch fails its requests, not the engine
             for r in batch:
                 if not r.done.is_set():
                     self._fail(r, f"generation failed: {type(e).__name__}: {e}")
         for r in batch:
             r.done.set()
+
+    def _decode(self, batch: list[GenRequest], owner: list[tuple], compact_below: float = 0.75):
+        """`sampler.generate`'s loop over the rows `owner`, where a row stops being sampled as soon as it ends
+        (stop token, its own max_tokens, or its request cancelled), and the batch ends when no row is left.
+        Ended rows are dropped from the KV cache once fewer than `compact_below` of its rows are alive."""
+        import torch
+
+        from psyche.kv_cache import KVCache
+        from psyche.sampler import decode_one_token, prefill, row_seeds, sample, uniforms
+
+        model, s = self.model, batch[0]
+        device = model.lm_head.weight.device
+        prompts = [r.prompt for r, _ in owner]
+        steps = max(r.max_tokens for r in batch)
+        seeds = torch.cat([row_seeds(r.seed, r.n) for r in batch]).to(device)
+        cache = KVCache.for_model(model, len(owner), max(map(len, prompts)) + steps)
+        logits = prefill(model, cache, prompts)  # (B, V)
+        rows = list(range(len(owner)))  # the row each cache slot holds
+        alive = [True] * len(owner)
+        left = {id(r): r.n for r in batch}  # rows still running, per request
+
+        def end(i):
+            alive[i] = False
+            r, j = owner[i]
+            if r.cancelled.is_set() and not (r.finished[j] or len(r.tokens[j]) >= r.max_tokens):
+                self.rows_freed += 1
+            left[id(r)] -= 1
+            if left[id(r)] == 0:
+                if r.cancelled.is_set():
+                    self.cancelled += 1
+                r.done.set()
+
+        for t in range(steps):
+            for i in rows:
+                if alive[i] and owner[i][0].cancelled.is_set():
+                    end(i)
+            live = [b for b, i in enumerate(rows) if alive[i]]
+            if not live:
+                break
+            ids = torch.tensor([rows[b] for b in live], device=device)
+            u = uniforms(seeds[ids], t) if s.temperature > 0 else None  # greedy draws nothing
+            tok, _ = sample(logits[torch.tensor(live, device=device)], u, s.temperature, s.top_k, s.top_p, s.min_p)
+            for b, token in zip(live, tok.tolist()):
+                i = rows[b]
+                r, j = owner[i]
+                r.tokens[j].append(token)
+                r.finished[j] = token in self.stop_ids
+                if r.on_token is not None:
+                    r.on_token(j, token)
+                if r.finished[j] or len(r.tokens[j]) >= r.max_tokens:
+                    end(i)
+            n_alive = sum(alive[i] for i in rows)
+            if n_alive == 0 or t == steps - 1:
+                break
+            step_tok = torch.full((len(rows),), self.tok.pad_id, dtype=torch.long, device=device)
+            step_tok[torch.tensor(live, device=device)] = tok
+            if n_alive < compact_below * len(rows):  # ended rows stop costing compute
+                keep = [b for b, i in enumerate(rows) if alive[i]]
+                cache.keep(torch.tensor(keep, device=device))
+                rows, step_tok = [rows[b] for b in keep], step_tok[torch.tensor(keep, device=device)]
+            logits = decode_one_token(model, cache, step_tok)  # ended rows not yet dropped are fed a pad token
 
     @staticmethod
     def _fail(r: GenRequest, msg: str):
@@ -204,6 +259,10 @@ class Engine:
                 if r is None:
                     self.queue.put(None)
                     break
+                if r.cancelled.is_set():  # its client left while it waited
+                    self.cancelled += 1
+                    r.done.set()
+                    continue
                 if rows + r.n > self.max_rows:
                     self._pending.append(r)
                     break
@@ -369,19 +428,49 @@ class Handler(BaseHTTPRequestHandler):
         if not self.server.quiet:
             sys.stderr.write(f"{self.address_string()} - {fmt % args}\n")
 
-    def _json(self, status: int, obj: dict):
+    def _json(self, status: int, obj: dict, headers: dict | None = None):
         data = json.dumps(obj, ensure_ascii=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Connection", "close")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, e: RequestError):
-        self._json(e.status, e.body())
+    def _error(self, e: RequestError, headers: dict | None = None):
+        self._json(e.status, e.body(), headers)
+
+    def _authorized(self) -> bool:
+        """True without an API key, or when the request carries `Authorization: Bearer <key>`; otherwise answers
+        401 (after reading the refused body, so the client can read the answer) and returns False."""
+        key = self.server.api_key
+        if not key:
+            return True
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+            return True
+        if self.command == "POST":
+            try:
+                self._drain(int(self.headers.get("Content-Length") or 0), limit=self.server.max_body)
+            except ValueError:
+                pass
+        self._error(RequestError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
+                                 code="invalid_api_key"), {"WWW-Authenticate": "Bearer"})
+        return False
+
+    def _client_gone(self) -> bool:
+        """The client closed its connection: the socket is readable and at end of file."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def do_GET(self):
+        if not self._authorized():
+            return
         if self.path.rstrip("/") == "/v1/models":
             s = self.server
             self._json(200, {"object": "list", "data": [{"id": s.model_name, "object": "model",
@@ -392,6 +481,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(RequestError(404, f"no route GET {self.path}", code="not_found"))
 
     def do_POST(self):
+        if not self._authorized():
+            return
         try:
             if self.path.rstrip("/") != "/v1/chat/completions":
                 raise RequestError(404, f"no route POST {self.path}", code="not_found")
@@ -453,7 +544,10 @@ class Handler(BaseHTTPRequestHandler):
     def _complete(self, g: GenRequest):
         if not self._submit(g):
             return
-        g.done.wait()
+        while not g.done.wait(0.1):
+            if self._client_gone():  # nobody will read the answer: free its rows
+                g.cancel()
+                return
         if g.error:
             self._error(RequestError(500, g.error, code="generation_failed"))
             return
@@ -462,9 +556,13 @@ class Handler(BaseHTTPRequestHandler):
                                             "content": tok.decode(g.tokens[j], skip_special_tokens=True)},
                     "finish_reason": "stop" if g.finished[j] else "length"} for j in range(g.n)]
         completion = sum(len(t) for t in g.tokens)
-        self._json(200, {**self._head(f"chatcmpl-{uuid.uuid4().hex}"), "object": "chat.completion",
-                         "choices": choices, "usage": {"prompt_tokens": len(g.prompt), "completion_tokens": completion,
-                                                       "total_tokens": len(g.prompt) + completion}})
+        try:
+            self._json(200, {**self._head(f"chatcmpl-{uuid.uuid4().hex}"), "object": "chat.completion",
+                             "choices": choices, "usage": {"prompt_tokens": len(g.prompt),
+                                                           "completion_tokens": completion,
+                                                           "total_tokens": len(g.prompt) + completion}})
+        except OSError:
+            pass  # the client left as its answer was ready
 
     def _stream(self, g: GenRequest, include_usage: bool):
         tok = self.server.engine.tok
@@ -496,6 +594,9 @@ class Handler(BaseHTTPRequestHandler):
                 except queue.Empty:
                     if g.done.is_set() and events.empty():
                         break
+                    if self._client_gone():  # left while queued or between tokens
+                        g.cancel()
+                        return
                     continue
                 piece = streams[j].push(t)
                 if piece:
@@ -515,8 +616,8 @@ class Handler(BaseHTTPRequestHandler):
                                                            "total_tokens": len(g.prompt) + completion}})
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away; its rows finish with the batch and are dropped
+        except OSError:  # the client went away (broken pipe, reset, a write timed out): free its rows
+            g.cancel()
 
 
 class Server(ThreadingHTTPServer):
@@ -527,34 +628,50 @@ class Server(ThreadingHTTPServer):
 
 def make_server(model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000, *,
                 max_tokens: int = 4096, default_max_tokens: int = 512, max_body: int = 1 << 20,
-                max_rows: int = 32, quiet: bool = False) -> Server:
+                max_rows: int = 32, quiet: bool = False, api_key: str | None = None) -> Server:
     """A started engine behind an HTTP server that is not yet serving: call `serve_forever()` (port 0 picks a
-    free port; see `server_address`), and `shutdown()`, `server_close()`, `engine.stop()` to end."""
-    engine = Engine(model, tokenizer, max_rows=max_rows).start()
+    free port; see `server_address`), and `shutdown()`, `server_close()`, `engine.stop()` to end. With
+    `api_key`, every request needs `Authorization: Bearer <api_key>`."""
     srv = Server((host, port), Handler)
-    srv.engine, srv.model_name, srv.created = engine, model_name, int(time.time())
+    engine = Engine(model, tokenizer, max_rows=max_rows).start()
+    srv.engine, srv.model_name, srv.created, srv.api_key = engine, model_name, int(time.time()), api_key or None
     srv.max_tokens = min(max_tokens, engine.max_len)
     srv.default_max_tokens, srv.max_body, srv.quiet = default_max_tokens, max_body, quiet
     return srv
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a bound address is reachable from this machine only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 @click.command("serve")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Interface to bind. The server has no authentication: expose it beyond this machine only "
-                   "behind something that has.")
-@click.option("--port", default=8000, show_default=True, help="Port (0 = any free port).")
+              help="Interface to bind. Beyond this machine, set an API key (and use TLS in front: the server "
+                   "speaks plain HTTP).")
+@click.option("--api-key", envvar=API_KEY_ENV, default=None, show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every request (401 otherwise). Prefer the environment "
+                   "variable: a key on the command line is visible in the process list.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="Port (0 = any free port).")
 @click.option("--model-name", default=None, help="Name clients use in 'model' (default: the directory name).")
-@click.option("--max-tokens", "max_tokens", default=4096, show_default=True,
+@click.option("--max-tokens", "max_tokens", default=4096, show_default=True, type=click.IntRange(min=1),
               help="Largest max_tokens a request may ask for.")
-@click.option("--default-max-tokens", default=512, show_default=True, help="max_tokens when a request gives none.")
-@click.option("--max-body", default=1 << 20, show_default=True, help="Largest request body in bytes.")
-@click.option("--max-batch", default=32, show_default=True, help="Most rows (requests x n) in one sampler batch.")
+@click.option("--default-max-tokens", default=512, show_default=True, type=click.IntRange(min=1),
+              help="max_tokens when a request gives none.")
+@click.option("--max-body", default=1 << 20, show_default=True, type=click.IntRange(min=1),
+              help="Largest request body in bytes.")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Most rows (requests x n) in one sampler batch.")
 @click.option("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
 @click.option("--quiet", is_flag=True, help="Do not log requests.")
-def serve(model_dir, host, port, model_name, max_tokens, default_max_tokens, max_body, max_batch, dtype, device,
-          quiet):
+def serve(model_dir, host, api_key, port, model_name, max_tokens, default_max_tokens, max_body, max_batch, dtype,
+          device, quiet):
     """Serve a checkpoint with an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
     from pathlib import Path
 
@@ -568,10 +685,12 @@ def serve(model_dir, host, port, model_name, max_tokens, default_max_tokens, max
     model.eval()
     name = model_name or Path(model_dir).resolve().name
     srv = make_server(model, Tokenizer.from_dir(model_dir), name, host, port, max_tokens=max_tokens,
-                      default_max_tokens=default_max_tokens, max_body=max_body, max_rows=max_batch, quiet=quiet)
+                      default_max_tokens=default_max_tokens, max_body=max_body, max_rows=max_batch, quiet=quiet,
+                      api_key=api_key)
     h, p = srv.server_address[:2]
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        click.echo(f"warning: listening on {host}: anyone who can reach it can use the model", err=True)
+    if not api_key and not is_loopback(h):
+        click.echo(f"warning: listening on {h} without an API key: anyone who can reach this address can use the "
+                   f"model (set {API_KEY_ENV} or --api-key)", err=True)
     click.echo(f"serving {name!r} on http://{h}:{p}/v1 (Ctrl-C to stop)", err=True)
     try:
         srv.serve_forever()

@@ -1,0 +1,242 @@
+"""`psyche serve` under faults and access control: clients that disconnect mid-stream free their batch rows while
+everyone else gets a complete answer; an API key turns unauthenticated requests away with 401."""
+
+import http.client
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from psyche.sampler import generate, row_seeds
+from psyche.serve import make_server
+from psyche.tokenizer import Tokenizer
+from psyche.weights import load_pretrained
+
+MAX_TOKENS = 48
+HALFWAY = MAX_TOKENS // 2
+
+
+def start(tiny_ckpt, **kw):
+    model, _ = load_pretrained(tiny_ckpt)
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    srv = make_server(model, tok, "tiny", port=0, max_tokens=256, quiet=True, **kw)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, model, tok
+
+
+def stop(srv):
+    srv.shutdown()
+    srv.server_close()
+    srv.engine.stop()
+
+
+def post(srv, body, headers=None, timeout=120):
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=timeout)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=headers or {})
+    return conn, conn.getresponse()
+
+
+def alone(model, tok, messages, seed):
+    """The sampler's tokens for this request on its own (T 1.0, the request's seed)."""
+    ids, _ = tok.encode_chat(messages, add_generation_prompt=True)
+    r = generate(model, [ids], max_new_tokens=MAX_TOKENS, temperature=1.0, stop_token_ids=tok.stop_ids,
+                 pad_id=tok.pad_id, seeds=row_seeds(seed, 1))
+    toks = r.tokens[0, : r.lengths[0]].tolist()
+    return tok.decode(toks, skip_special_tokens=True), bool(r.finished[0])
+
+
+def read_events(resp):
+    """SSE events of a streaming answer as decoded JSON, up to [DONE] (-> done=True) or the end of the
+    connection (-> done=False)."""
+    events = []
+    while True:
+        line = resp.fp.readline()
+        if not line:
+            return events, False
+        line = line.decode().strip()
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            return events, True
+        e = json.loads(line[len("data: "):])
+        events.append(e)
+
+
+def test_64_streaming_clients_16_disconnect_halfway(tiny_ckpt, monkeypatch):
+    """48 clients read their whole answer; 16 hang up when half of theirs is generated. The others' answers are
+    complete and equal to the sampler's for each request alone; each of the 16 is noticed and its row leaves
+    its batch before its end (rows_freed); the server keeps serving.
+
+    So that "halfway" is halfway however busy the machine is, the hang-ups happen inside the engine's decode
+    step number HALFWAY of a batch (the test closes those clients' sockets there), and that step waits until
+    the server has noticed them."""
+    import psyche.sampler
+    from psyche.serve import Engine, GenRequest
+
+    srv, model, tok = start(tiny_ckpt)
+    try:
+        jobs = [([{"role": "user", "content": f"来访者{i}：最近总是失眠，怎么办？"}], 1000 + i) for i in range(64)]
+        want = [alone(model, tok, m, s) for m, s in jobs]
+        long = [i for i, (_, finished) in enumerate(want) if not finished]  # still running at HALFWAY
+        assert len(long) >= 16
+        leavers = set(long[::max(1, len(long) // 16)][:16])
+        socks, noticed, current, step = {}, set(), set(), [0]
+        cancel, decode, decode_batch = GenRequest.cancel, psyche.sampler.decode_one_token, Engine._decode
+
+        def noticing(g):
+            noticed.add(g.seed - 1000)
+            cancel(g)
+
+        def watched(self, batch, owner, **kw):
+            current.clear()
+            current.update(r.seed - 1000 for r in batch)
+            step[0] = 0
+            return decode_batch(self, batch, owner, **kw)
+
+        def halfway(model_, cache, tokens):
+            step[0] += 1
+            if step[0] == HALFWAY:
+                here = current & leavers
+                for i in here:
+                    socks[i].shutdown(socket.SHUT_RDWR)  # client i hangs up
+                deadline = time.time() + 60
+                while not here <= noticed and time.time() < deadline:
+                    time.sleep(0.005)
+            return decode(model_, cache, tokens)
+
+        monkeypatch.setattr(GenRequest, "cancel", noticing)
+        monkeypatch.setattr(Engine, "_decode", watched)
+        monkeypatch.setattr(psyche.sampler, "decode_one_token", halfway)
+        results, barrier = [None] * 64, threading.Barrier(64)
+        cancelled0, freed0 = srv.engine.cancelled, srv.engine.rows_freed
+
+        def client(i):
+            messages, seed = jobs[i]
+            conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=300)
+            conn.connect()
+            socks[i] = conn.sock
+            barrier.wait()
+            conn.request("POST", "/v1/chat/completions", body=json.dumps(
+                {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": seed, "stream": True}))
+            resp = conn.getresponse()
+            try:
+                results[i] = (resp.status, *read_events(resp))
+            finally:
+                resp.close()
+                conn.close()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        for i, (status, events, done) in enumerate(results):
+            assert status == 200
+            if i in leavers:
+                assert not done
+                continue
+            assert done, f"client {i} got no [DONE]"
+            text = "".join(c["delta"].get("content", "") for e in events for c in e["choices"])
+            finish = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+            assert (text, finish) == (want[i][0], ["stop" if want[i][1] else "length"])
+        assert noticed == leavers
+        assert srv.engine.cancelled - cancelled0 == 16
+        assert srv.engine.rows_freed - freed0 == 16  # each left its batch at HALFWAY, not at max_tokens
+        conn, resp = post(srv, {"messages": [{"role": "user", "content": "还在吗？"}], "max_tokens": 4,
+                                "temperature": 0})
+        assert resp.status == 200 and json.loads(resp.read())["choices"][0]["finish_reason"] in ("stop", "length")
+        conn.close()
+    finally:
+        stop(srv)
+
+
+def test_a_request_cancelled_before_it_starts_is_never_run(tiny_ckpt):
+    from psyche.serve import Engine, GenRequest
+
+    model, _ = load_pretrained(tiny_ckpt)
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    engine = Engine(model, tok)
+    ids, _ = tok.encode_chat([{"role": "user", "content": "你好"}], add_generation_prompt=True)
+    gone = GenRequest(prompt=ids, max_tokens=8)
+    gone.cancel()
+    kept = GenRequest(prompt=ids, max_tokens=8, temperature=0.0)
+    engine.run([gone, kept])
+    assert gone.done.is_set() and gone.tokens == [[]] and gone.error is None
+    assert kept.done.is_set() and (len(kept.tokens[0]) == 8 or kept.finished[0])
+    assert engine.cancelled == 1 and engine.rows_max == 1  # the batch held the other request's row only
+
+
+def test_api_key_required_on_every_route(tiny_ckpt):
+    srv, _, _ = start(tiny_ckpt, api_key="s3cret-key")
+    port = srv.server_address[1]
+    body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 3, "temperature": 0}
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"},
+                        {"Authorization": "Basic s3cret-key"}):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("GET", "/v1/models", headers=headers)
+            resp = conn.getresponse()
+            err = json.loads(resp.read())["error"]
+            assert resp.status == 401 and err["code"] == "invalid_api_key"
+            assert resp.getheader("WWW-Authenticate") == "Bearer"
+            conn.close()
+            conn, resp = post(srv, body, headers)
+            assert resp.status == 401 and json.loads(resp.read())["error"]["code"] == "invalid_api_key"
+            conn.close()
+        ok = {"Authorization": "Bearer s3cret-key"}
+        conn, resp = post(srv, body, ok)
+        assert resp.status == 200 and json.loads(resp.read())["choices"][0]["message"]["content"] is not None
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", "/v1/models", headers=ok)
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        stop(srv)
+
+
+def _serve(tiny_ckpt, *args, env=None):
+    """Start `psyche serve` on a free port -> (process, port, the stderr lines up to the "serving" line)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "PSYCHE_API_KEY"}, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "psyche.cli", "serve", str(tiny_ckpt), "--port", "0", "--quiet",
+                             *args], stderr=subprocess.PIPE, text=True, env=env)
+    lines, deadline = [], time.time() + 120
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            raise AssertionError("server exited: " + "".join(lines))
+        lines.append(line)
+        if m := re.search(r"http://[^:]+:(\d+)/v1", line):
+            return proc, int(m.group(1)), lines
+    proc.kill()
+    raise AssertionError("no serving line: " + "".join(lines))
+
+
+@pytest.mark.parametrize("key", [None, "from-env"])
+def test_cli_warns_on_a_public_address_without_a_key(tiny_ckpt, key):
+    proc, port, lines = _serve(tiny_ckpt, "--host", "0.0.0.0", env={"PSYCHE_API_KEY": key} if key else None)
+    try:
+        warned = any("warning: listening on 0.0.0.0 without an API key" in line for line in lines)
+        assert warned == (key is None), lines
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", "/v1/models")
+        assert conn.getresponse().status == (401 if key else 200)
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_cli_on_loopback_does_not_warn(tiny_ckpt):
+    proc, _, lines = _serve(tiny_ckpt)
+    try:
+        assert not any("warning" in line for line in lines), lines
+    finally:
+        proc.terminate()
+        proc.wait(30)

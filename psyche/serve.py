@@ -601,6 +601,9 @@ class Handler(BaseHTTPRequestHandler):
                 piece = streams[j].push(t)
                 if piece:
                     chunk(j, {"content": piece})
+                elif self._client_gone():  # text held back (an incomplete character): no write to fail
+                    g.cancel()
+                    return
             if g.error:
                 send(RequestError(500, g.error, code="generation_failed").body())
             else:

@@ -64,12 +64,16 @@ def _train(stage: str, config_path: str, sets: list[str]):
 
 def _embedded(stage: str, sets: list[str]):
     """The embedded default (psyche/recipe.py); its SFT and GRPO settings are checked before any stage runs."""
-    from psyche.config import load_run_config
-    from psyche.recipe import embedded_config, run_recipe
+    from psyche.config import ConfigError, load_run_config
+    from psyche.recipe import base_dir, embedded_config, run_recipe
     from psyche.validate import check_settings
 
     cfg = load_run_config(None, sets, cls=embedded_config)
-    check_settings(cfg)
+    try:
+        base = base_dir(cfg)
+    except ConfigError:
+        base = None  # the recipe's own check names what is missing
+    check_settings(cfg, base=base)
     run_recipe(cfg, stage, log=click.echo)
 
 

@@ -254,6 +254,20 @@ def model_config(key: str, init: str) -> ModelConfig:
     return ModelConfig.from_dir(path)
 
 
+def check_sft_lengths(cfg: RunConfig, mc: ModelConfig, model: str):
+    _need(cfg.data.max_length <= mc.max_position_embeddings, "data.max_length", cfg.data.max_length,
+          f"longer than the model's max_position_embeddings ({mc.max_position_embeddings}, {model})")
+
+
+def check_grpo_lengths(cfg: RunConfig, mc: ModelConfig, model: str):
+    g = cfg.grpo
+    n = g.max_prompt_length + g.max_new_tokens
+    if n > mc.max_position_embeddings:
+        raise ConfigError(f"grpo.max_prompt_length={g.max_prompt_length} + grpo.max_new_tokens={g.max_new_tokens} = "
+                          f"{n}: longer than the model's max_position_embeddings ({mc.max_position_embeddings}, "
+                          f"{model})")
+
+
 def check_sft(cfg: RunConfig, world: int | None = None, files: bool = True):
     """Everything `run_sft` needs of its config, before it writes or computes anything."""
     world = world or world_size()
@@ -261,9 +275,7 @@ def check_sft(cfg: RunConfig, world: int | None = None, files: bool = True):
     check_sft_batch(cfg, world)
     if files:
         _paths("data.paths", cfg.data.paths)
-        mc = model_config("model.init", cfg.model.init)
-        _need(cfg.data.max_length <= mc.max_position_embeddings, "data.max_length", cfg.data.max_length,
-              f"longer than the model's max_position_embeddings ({mc.max_position_embeddings}, {cfg.model.init})")
+        check_sft_lengths(cfg, model_config("model.init", cfg.model.init), cfg.model.init)
 
 
 def check_grpo(cfg: RunConfig, world: int | None = None, files: bool = True):
@@ -274,21 +286,21 @@ def check_grpo(cfg: RunConfig, world: int | None = None, files: bool = True):
     check_grpo_batch(cfg, world)
     if files:
         _paths("grpo.paths", g.paths)
-        key = "grpo.init" if g.init else "model.init"
-        mc = model_config(key, g.init or cfg.model.init)
-        n = g.max_prompt_length + g.max_new_tokens
-        if n > mc.max_position_embeddings:
-            raise ConfigError(f"grpo.max_prompt_length={g.max_prompt_length} + grpo.max_new_tokens={g.max_new_tokens}"
-                              f" = {n}: longer than the model's max_position_embeddings "
-                              f"({mc.max_position_embeddings}, {g.init or cfg.model.init})")
+        init = g.init or cfg.model.init
+        check_grpo_lengths(cfg, model_config("grpo.init" if g.init else "model.init", init), init)
 
 
-def check_settings(cfg: RunConfig, world: int = 1):
+def check_settings(cfg: RunConfig, world: int = 1, base: Path | None = None):
     """Both stages' settings without their inputs: the embedded default (`python train.py`), whose data and models
-    the recipe makes as it goes, runs its SFT and GRPO stages in one process."""
+    the recipe makes as it goes, runs its SFT and GRPO stages in one process. `base`: the checkpoint directory
+    both stages' models take their shapes from, when it exists already (lengths are checked against it)."""
     check_sections(cfg)
     check_sft_batch(cfg, world)
     check_grpo_batch(cfg, world)
+    if base is not None:
+        mc = ModelConfig.from_dir(base)
+        check_sft_lengths(cfg, mc, str(base))
+        check_grpo_lengths(cfg, mc, str(base))
 
 
 STAGES = {"sft": check_sft, "grpo": check_grpo}

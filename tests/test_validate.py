@@ -103,3 +103,16 @@ def test_world_size_comes_from_torchrun(monkeypatch):
         check_sft(_cfg(SFT))
     monkeypatch.setenv("WORLD_SIZE", "2")
     check_sft(_cfg(SFT))
+
+
+def test_embedded_settings_are_checked_against_the_base_model(tiny_ckpt):
+    from psyche.recipe import embedded_config
+
+    cfg = embedded_config()
+    check_settings(cfg, base=tiny_ckpt)
+    cfg.grpo.max_new_tokens = 2048
+    n = cfg.grpo.max_prompt_length + 2048
+    with pytest.raises(ConfigError, match=rf"grpo.max_new_tokens=2048 = {n}: longer than the model's "
+                                          rf"max_position_embeddings \(2048, {tiny_ckpt}\)"):
+        check_settings(cfg, base=tiny_ckpt)
+    check_settings(cfg)  # without a base model there is nothing to compare the lengths with

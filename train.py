@@ -64,17 +64,17 @@ def _train(stage: str, config_path: str, sets: list[str]):
 
 def _embedded(stage: str, sets: list[str]):
     """The embedded default (psyche/recipe.py); its SFT and GRPO settings are checked before any stage runs."""
+    from psyche import recipe
     from psyche.config import ConfigError, load_run_config
-    from psyche.recipe import base_dir, embedded_config, run_recipe
     from psyche.validate import check_settings
 
-    cfg = load_run_config(None, sets, cls=embedded_config)
-    try:
-        base = base_dir(cfg)
+    cfg = load_run_config(None, sets, cls=recipe.embedded_config)
+    try:  # the model both stages take their shapes from, when the recipe names one that exists
+        base = recipe.base_dir(cfg) if hasattr(recipe, "base_dir") else None
     except ConfigError:
         base = None  # the recipe's own check names what is missing
     check_settings(cfg, base=base)
-    run_recipe(cfg, stage, log=click.echo)
+    recipe.run_recipe(cfg, stage, log=click.echo)
 
 
 def _toml_str(s: str) -> str:

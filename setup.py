@@ -10,6 +10,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["psyche", "psyche.*", "kernels", "kernels.*"]),
     py_modules=["train"],
+    package_data={"psyche": ["assets/base/*"]},  # the embedded default's base model (a few MB)
     install_requires=["torch>=2.4", "safetensors", "tokenizers>=0.19", "sentencepiece", "numpy", "click>=8",
                       "tqdm"],
     extras_require={

@@ -69,8 +69,8 @@ def _embedded(stage: str, sets: list[str]):
     from psyche.validate import check_settings
 
     cfg = load_run_config(None, sets, cls=recipe.embedded_config)
-    try:  # the model both stages take their shapes from, when the recipe names one that exists
-        base = recipe.base_dir(cfg) if hasattr(recipe, "base_dir") else None
+    try:  # the model both stages take their shapes from
+        base = recipe.base_dir(cfg)
     except ConfigError:
         base = None  # the recipe's own check names what is missing
     check_settings(cfg, base=base)

@@ -300,28 +300,23 @@ class RecipeSection:
     """The embedded default (`python train.py`): the Psyche-R1 recipe in miniature on generated exam items.
     See psyche/recipe.py for the stages."""
 
-    n_train: int = 4000  # generated training items, the four types in equal parts
-    n_test: int = 400  # held-out items (no fact combination shared with training)
-    seed_every: int = 2  # every k-th SFT-type training item is in the probe's seed set; the rest is the pool
-    seed_challenge: int = 40  # challenge-type training items in the seed set too: rare, so the SFT model shows a
-    #                           trace of the skill (some samples right) that GRPO can reinforce; 0 = never asked
-    vocab: int = 1024  # BPE vocabulary trained on the task's text
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    probe_steps: int = 2000  # SFT steps of the probe (the selector, and the start of the SFT model)
-    sft_steps: int = 200  # SFT steps on the non-challenge pool, from the probe
-    sft_lr: float = 3e-4  # peak lr of the SFT and control stages, which continue from trained weights (optim.lr is
-    #                       the probe's, from scratch): a restart at the probe's 3e-3 undid part of what it learned
-    control_steps: int = 420  # extra SFT steps of the control: about GRPO's wall time (65-79 s at T 1.0), fixed
-    #                         for reproducibility
-    select_k: int = 1  # samples per pool item (the first greedy); an item is solved if any is correct
-    select_temperature: float = 1.0
-    grpo_mix: float = 0.25  # fraction of GRPO prompts drawn from the non-challenge pool (SFT-type items)
+    base: str = ""  # the model SFT starts from: an HF checkpoint dir; "": the shipped one (psyche/assets/base)
+    n_train: int = 4000  # generated training items (the four types in equal parts): the teachers' SFT data and
+    #                      the GRPO pool
+    n_test_challenge: int = 200  # held-out challenge items (the teachers' slip changes their answer)
+    n_test_other: int = 600  # held-out items of the kind the SFT data holds (no fact combination is in training)
+    teacher_confusion: float = 0.7  # share of teacher rationales that score a 3-12 month course as under 3 months
+    sft_steps: int = 300  # SFT steps from the base model on the teachers' data, at optim.lr
+    control_steps: int = 500  # extra SFT steps of the control, from the SFT model: about GRPO's wall time
+    control_lr: float = 3e-4  # peak lr of the control (it continues from trained weights)
+    grpo_mix: float = 0.5  # fraction of GRPO prompts drawn from the SFT data's items: they keep GRPO from
+    #                      pushing neighbouring durations ("1个月") into the middle bin with the 3-12 month ones
     eval_batch: int = 200
     max_new_tokens: int = 64
+    samples: int = 4  # sampled replies per challenge test item (T 1.0) for the report's "right reading" rate
+    curve_every: int = 0  # > 0: SFT's learning curve every N steps (RUN_DIR/sft/curve.jsonl); costs eval time
+    curve_items: int = 150  # held-out items of the SFT data's kind in each curve point (and a third as many
+    #                         challenge items, sampled twice at T 1.0 for the right-reading rate)
 
 
 @dataclass

@@ -120,7 +120,7 @@ def decode_one_token(model, cache: KVCache, tokens: torch.Tensor) -> torch.Tenso
 def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, stop_token_ids=None, seed: int = 0,
              pad_id: int = 0, seeds: torch.Tensor | None = None, compact_below: float = 0.75,
-             on_token=None) -> Rollout:
+             on_token=None, row_max_tokens: torch.Tensor | None = None, should_end=None) -> Rollout:
     """Sample n completions for each prompt (lists of token ids, any lengths).
 
     stop_token_ids: a row ends when it emits any of them (the stop token is kept in the completion).
@@ -128,6 +128,9 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
     compact_below: when fewer than this fraction of the cache's rows are still running, finished rows are
         dropped from the cache so they stop costing compute.
     on_token: optional callback(step, row_ids (B,), tokens (B,)) after each sampling step (for streaming).
+    row_max_tokens: optional (N,) per-row limits (<= max_new_tokens): a row ends after that many tokens.
+    should_end: optional callback(row_ids (B,)) -> (B,) bool, before each sampling step: rows to end now
+        (a server's cancelled requests). A row ended by a limit or by should_end is not `finished`.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -154,6 +157,11 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
     alive = torch.ones(N, dtype=torch.bool, device=device)  # (B,) cache rows still generating
     for t in range(max_new_tokens):
         live = alive.nonzero().squeeze(-1)
+        if should_end is not None:  # the caller's rows to end before this step (cancelled requests)
+            alive[live[torch.as_tensor(should_end(rows[live]), dtype=torch.bool, device=device)]] = False
+            live = alive.nonzero().squeeze(-1)
+            if len(live) == 0:
+                break
         r = rows[live]
         u = uniforms(seeds[r], t) if temperature > 0 else None  # greedy draws nothing
         tok, lp = sample(logits[live], u, temperature, top_k, top_p, min_p)
@@ -164,6 +172,8 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
             done = torch.isin(tok, stop)
             finished[r] = done
             alive[live[done]] = False
+        if row_max_tokens is not None:
+            alive[live[row_max_tokens.to(device)[r] <= t + 1]] = False
         n_alive = int(alive.sum())
         if t == max_new_tokens - 1 or n_alive == 0:
             break
@@ -180,3 +190,24 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
     return Rollout(tokens=tokens[:, :L].masked_fill(~mask[:, :L], pad_id), logprobs=(logprobs * mask)[:, :L],
                    mask=mask[:, :L], lengths=lengths, finished=finished,
                    prompt_index=torch.arange(P, device=device).repeat_interleave(n))
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[list[int]], *, batch_size: int = 64, max_new_tokens: int = 256,
+                   temperature: float = 0.0, seed: int = 0, top_p: float = 1.0, top_k: int = 0) -> list[str]:
+    """One decoded reply per prompt (special tokens dropped), in prompt order: prompts go in batches of similar
+    length, row i sampled with seed row_seeds(seed, len(prompts))[i] whatever batch it lands in."""
+    seeds = row_seeds(seed, len(prompts))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        r = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_p=top_p, top_k=top_k, stop_token_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                     seeds=seeds[idx])
+        for j, i in enumerate(idx):
+            out[i] = tokenizer.decode(r.tokens[j, : r.lengths[j]].tolist(), skip_special_tokens=True)
+    model.train(was_training)
+    return out

@@ -170,8 +170,11 @@ def train_step(model, optimizer, micro_batches: list[Batch], *, device, grad_cli
 # the loop
 # ============================================================================================================
 
-def run_sft(cfg: RunConfig) -> Path:
-    """Train per `cfg`; returns the run directory. Works alone or under torchrun."""
+def run_sft(cfg: RunConfig, on_step=None) -> Path:
+    """Train per `cfg`; returns the run directory. Works alone or under torchrun.
+
+    on_step: optional callback(step, model) after each optimizer step, on every rank (e.g. a held-out
+    evaluation for a learning curve; greedy generation draws no random numbers, so the run is unchanged)."""
     from tqdm import tqdm
 
     from psyche.tokenizer import Tokenizer
@@ -272,6 +275,8 @@ def run_sft(cfg: RunConfig) -> Path:
                             keep_last=cfg.checkpoint.keep_last, tokenizer=tok,
                             state={"step": step, "data": batches.position(step), "tokens": tokens_seen,
                                    "elapsed": time.time() - t_start, "data_fingerprint": fingerprint})
+        if on_step is not None:
+            on_step(step, model)
         fault("step_end", step)
     bar.close()
     logger.close()

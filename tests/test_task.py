@@ -1,6 +1,8 @@
-"""The built-in neurosis-scoring task: determinism, disjoint splits, answers that follow from the item's own text,
-balanced gold letters, the challenge question kept out of the SFT types, prompt/target format, token budget."""
+"""The built-in task: determinism, disjoint splits, answers that follow from the item's own text (recomputed here
+with independent arithmetic), balanced gold letters, the teachers' slip and the challenge items it defines, the
+grading of replies step by step, prompt/target format."""
 
+import random
 import re
 from collections import Counter
 
@@ -8,11 +10,10 @@ import pytest
 
 from psyche.evaluate import accuracy_summary, extract_answer
 from psyche.pceb import Item, build_prompt
-from psyche.task import (CHALLENGE_TYPES, COURSE_PHRASES, DISTRESS_PHRASES, LEVELS, QUESTIONS, SFT_TYPES,
-                         SOCIAL_PHRASES, TYPES, balance, fact_keys, group_by_kind, group_by_type,
-                         item_to_sft_messages, item_type_of, letter_counts, make_splits, option_lines, solved,
-                         task_prompt, token_lengths, tokenizer_corpus)
-from psyche.tokenizer import train_tokenizer
+from psyche.scales import DURATIONS, PRACTICE_SCALES, SCALES, XU
+from psyche.task import (SKILLS, TYPES, Teacher, balance, case_of, course_read, explain, fact_keys, grade,
+                         group_by_type, is_challenge, item_to_sft_messages, item_type_of, letter_counts, make_splits,
+                         option_lines, sft_target, slip, slip_applies, task_prompt)
 
 DURATION = re.compile(r"(半|两|\d+)(个多月|个月|周|年半|年多|年)")
 
@@ -28,31 +29,29 @@ def months(num: str, unit: str) -> float:
     return {"周": n / 4.3, "个月": n, "个多月": n + 0.5, "年": 12 * n, "年多": 12 * n + 3, "年半": 12 * n + 6}[unit]
 
 
-def parse_case(text: str) -> tuple[int, int, int]:
-    """(course, distress, social) scores recomputed from a vignette with the task's phrase vocabulary."""
+def xu_scores(text: str) -> tuple[int, int, int]:
+    """(course, distress, social) recomputed from a vignette: Xu Youxin's cut points, the phrase vocabulary."""
     found = DURATION.findall(text)
     assert len(found) == 1, text
     m = months(*found[0])
     course = 1 if m < 3 else 2 if m <= 12 else 3
-    (d,) = [s for p, s in DISTRESS_PHRASES.items() if p in text]
-    (s,) = [s for p, s in SOCIAL_PHRASES.items() if p in text]
+    (d,) = [s for p, s in XU.dims[0].phrases.items() if p in text]
+    (s,) = [s for p, s in XU.dims[1].phrases.items() if p in text]
     return course, d, s
 
 
-def level(total: int) -> str:
+def xu_level(total: int) -> str:
     return "不够神经症" if total == 3 else "可疑神经症" if total <= 5 else "神经症"
 
 
 def statement_holds(stmt: str, scores, total) -> bool:
-    if m := re.fullmatch(r"病程评(\d)分", stmt):
-        return int(m[1]) == scores[0]
-    if m := re.fullmatch(r"精神痛苦评(\d)分", stmt):
-        return int(m[1]) == scores[1]
+    if m := re.fullmatch(r"(病程|精神痛苦|社会功能)评(\d)分", stmt):
+        return int(m[2]) == scores[("病程", "精神痛苦", "社会功能").index(m[1])]
     if m := re.fullmatch(r"总分为(\d)分", stmt):
         return int(m[1]) == total
     m = re.fullmatch(r"属于(\S+)", stmt)
-    assert m and m[1] in LEVELS, stmt
-    return m[1] == level(total)
+    assert m and m[1] in XU.levels, stmt
+    return m[1] == xu_level(total)
 
 
 def test_same_seed_same_items_other_seed_other_items():
@@ -60,7 +59,7 @@ def test_same_seed_same_items_other_seed_other_items():
     assert a == b
     c = make_splits(4, 120, 40)
     assert [it.case_text for it in a[0]] != [it.case_text for it in c[0]]
-    assert fact_keys(3, 0.25) != fact_keys(4, 0.25)
+    assert fact_keys(XU, 3, 0.25) != fact_keys(XU, 4, 0.25)
 
 
 def test_splits_are_disjoint_and_cover_every_class(splits):
@@ -69,54 +68,44 @@ def test_splits_are_disjoint_and_cover_every_class(splits):
     assert not {it.ref for it in train} & {it.ref for it in test}  # fact keys
     assert not {it.case_text for it in train} & {it.case_text for it in test}
     assert len({it.id for it in train + test}) == 1000
-    keys = fact_keys(0, 0.25)
     all_scores = {(c, d, s) for c in (1, 2, 3) for d in (1, 2, 3) for s in (1, 2, 3)}
+    keys = fact_keys(XU, 0, 0.25)
     for part in ("train", "test"):
-        assert {(COURSE_PHRASES[a], DISTRESS_PHRASES[b], SOCIAL_PHRASES[c]) for a, b, c in keys[part]} == all_scores
-    for items in splits:  # both splits mix SFT-type and challenge-type items, every level occurs
+        assert {xu_scores(f"{a}，{b}，{c}") for a, b, c in keys[part]} == all_scores
+    for items in splits:
         assert set(group_by_type(items)) == set(TYPES)
-        assert {level(sum(parse_case(it.case_text))) for it in items if item_type_of(it) == "level"} == set(LEVELS)
+        assert {xu_level(sum(xu_scores(it.case_text))) for it in items if item_type_of(it) == "level"} == set(XU.levels)
 
 
 def test_answers_and_rationales_follow_from_the_text(splits):
     for it in splits[0] + splits[1]:
-        scores = parse_case(it.case_text)
+        scores = xu_scores(it.case_text)
         total = sum(scores)
         reasoning = it.analysis.split("\n")[0]  # the scoring line; the option lines follow
-        sub = [int(x) for x in re.findall(r"评(\d)分", reasoning)]
+        assert [int(x) for x in re.findall(r"评(\d)分", reasoning)] == list(scores)
         m = re.search(r"总分(\d)分，为(\S+?)。", reasoning)
-        assert sub == list(scores) and int(m[1]) == total and m[2] == level(total), it
+        assert int(m[1]) == total and m[2] == xu_level(total), it
         kind = item_type_of(it)
         if kind == "total":
-            assert it.options[it.answer] == f"{total}分"
+            assert it.options[it.answer] == f"{total}分" and f"{total - 1}分" in it.options.values()
         elif kind == "level":
-            assert it.options[it.answer] == level(total)
-        elif kind == "social":
-            assert it.options[it.answer] == f"{scores[2]}分"
+            assert it.options[it.answer] == xu_level(total)
+        elif kind == "score":
+            (asked,) = re.findall(r"的(\S+?)评分为", it.question)
+            assert it.options[it.answer] == f"{scores[('病程', '精神痛苦', '社会功能').index(asked)]}分"
         else:
             truth = "".join(k for k, v in it.options.items() if statement_holds(v, scores, total))
             assert truth == it.answer and 2 <= len(truth) <= 3
-        # the rationale ends with the option lines, each with the reference value the rationale gives for its
-        # topic, the gold ones marked; an option agrees with its reference exactly when it is gold
-        walk = it.analysis.split("为" + level(total) + "。", 1)[1]
-        lines = walk.split("\n")[1:]
+        lines = option_lines(it.analysis)
         assert [ln.split(".", 1)[0] for ln in lines] == list("ABCD")
         for ln in lines:
             k, rest = ln.split(".", 1)
             marked = ln.endswith(f"√选{k}")
             opt, ref = rest.removesuffix(f"√选{k}").split("，应为")
             assert opt == it.options[k] and marked == (k in it.answer) and ln.count("√") == marked
-            if kind == "statements":
-                said = opt[2:] if opt.startswith("属于") else re.search(r"\d分", opt).group()
-                assert (said == ref) == (k in it.answer)
-                expect = (level(total) if opt.startswith("属于") else f"{total}分" if opt.startswith("总分")
-                          else f"{scores[0 if opt.startswith('病程') else 1]}分")
-            else:
-                assert (opt == ref) == (k in it.answer)
-                expect = {"total": f"{total}分", "level": level(total), "social": f"{scores[2]}分"}[kind]
-            assert ref == expect, (ln, it.analysis)
         assert len(set(it.options.values())) == 4 and list(it.options) == list("ABCD")
         assert it.qtype == ("multiple" if kind == "statements" else "single")
+        assert "按许又新神经症评定法" in it.question
 
 
 def test_gold_letters_balanced_per_type():
@@ -129,14 +118,50 @@ def test_gold_letters_balanced_per_type():
                 assert Counter(it.options["A"] == it.options[it.answer] for it in group)[True] == len(group) // 4
 
 
-def test_challenge_question_never_asked_by_sft_types(splits):
-    for it in splits[0] + splits[1]:
-        if item_type_of(it) in SFT_TYPES:
-            text = it.question + "".join(it.options.values())
-            assert "社会功能" not in text and it.question != QUESTIONS["social"]
-            assert "社会功能" in it.analysis  # ... but every SFT rationale spells the score out
-        else:
-            assert it.question == QUESTIONS["social"]
+def test_the_slip_and_the_challenge_items(splits):
+    """The slip scores a middle-bin course (3-12 months) as the lowest bin; an item is a challenge item exactly
+    when that changes its answer, which happens only where the slip applies; the teachers fail exactly those at
+    temperature 0, and elsewhere the slipped rationale still ends in the key's answer."""
+    teacher = Teacher(0.7)
+    train = splits[0]
+    for it in train:
+        c, d, s = xu_scores(it.case_text)
+        assert slip_applies(it) == (c == 2)
+        assert slip(case_of(it).scores) == ((1 if c == 2 else c), d, s)
+        slipped, answer = explain(it, slip(case_of(it).scores))
+        assert is_challenge(it) == (answer != it.answer)
+        assert not is_challenge(it) or slip_applies(it)
+        assert (teacher.greedy(it) != it.answer) == is_challenge(it)
+        if slip_applies(it):
+            assert slipped != it.analysis and "评1分" in slipped.split("；")[0]
+        if item_type_of(it) == "total" and slip_applies(it):
+            assert is_challenge(it)  # the total is off by one: always a wrong answer
+    kinds = Counter((item_type_of(it), is_challenge(it)) for it in train)
+    assert all(kinds[(t, True)] > 0 and kinds[(t, False)] > 0 for t in TYPES), kinds
+    assert 0.15 < sum(map(is_challenge, train)) / len(train) < 0.3
+    # sampled rationales: the slip in a share `confusion` of them where it applies, never elsewhere
+    rng = random.Random(0)
+    middle = [it for it in train if slip_applies(it)]
+    share = sum(teacher.write(it, rng)[0] != it.analysis for it in middle) / len(middle)
+    assert abs(share - 0.7) < 0.06
+    assert all(teacher.write(it, rng)[0] == it.analysis for it in train if not slip_applies(it))
+    assert Teacher(0.3).greedy(middle[0]) == middle[0].answer  # a teacher whose likely reading is the right one
+
+
+def test_grade_judges_each_step_on_the_reply_own_earlier_steps(splits):
+    it = next(i for i in splits[1] if item_type_of(i) == "total" and slip_applies(i))
+    assert grade(it, sft_target(it)) == dict.fromkeys(SKILLS, True)
+    slipped, answer = explain(it, slip(case_of(it).scores))
+    g = grade(it, f"<think>{slipped}</think>{answer}")
+    assert not g["course"] and not g["correct"]  # the slip is counted once, where it happens ...
+    assert all(g[k] for k in ("dim1", "dim2", "sum", "level", "lines", "letters"))  # ... the rest follows it
+    other = next(k for k in "ABCD" if k != it.answer)
+    g = grade(it, sft_target(it).rsplit("</think>", 1)[0] + f"</think>{other}")
+    assert g["lines"] and not g["letters"] and not g["correct"]
+    assert grade(it, "乱码") == dict.fromkeys(SKILLS, False)
+    wrong_sum = sft_target(it).replace(f"总分{sum(case_of(it).scores)}分", "总分2分", 1)
+    assert not grade(it, wrong_sum)["sum"] and grade(it, wrong_sum)["course"]
+    assert course_read(sft_target(it)) == 2 and course_read(slipped) == 1 and course_read("没有") is None
 
 
 def test_messages_and_think_format(splits):
@@ -151,7 +176,7 @@ def test_messages_and_think_format(splits):
         assert re.fullmatch(r"<think>[^<>]+</think>[A-D]{1,3}", reply, re.S)
         assert reply == f"<think>{it.analysis}</think>{it.answer}"
         assert extract_answer(reply, it.qtype) == it.answer
-    # the PCEB scorer and prompt builder take the items as they are
+        assert item_to_sft_messages(it, "别的理由")[1]["content"] == f"<think>别的理由</think>{it.answer}"
     gold = {it.id: item_to_sft_messages(it)[1]["content"] for it in splits[1]}
     s = accuracy_summary(splits[1], gold)
     assert s["smcq_acc"] == 100.0 and s["mmcq_strict"] == 100.0 and s["missing"] == 0.0
@@ -160,14 +185,10 @@ def test_messages_and_think_format(splits):
 
 def test_type_helpers_and_balance(splits):
     train = splits[0]
-    kinds = group_by_kind(train)
-    assert {item_type_of(it) for it in kinds["challenge"]} == set(CHALLENGE_TYPES)
-    assert len(kinds["sft_type"]) + len(kinds["challenge"]) == len(train)
     bare = Item(train[0].id, "case", "single", "q")
     assert item_type_of(bare) == item_type_of(train[0])
     with pytest.raises(ValueError):
         item_type_of(Item("x", "case", "single", "q"))
-    # a pool biased towards D, as a probe model's failures were: balance() evens it out per (type, gold)
     biased = [it for it in train if "D" in it.answer] + [it for it in train if "D" not in it.answer][::5]
     pool = balance(biased, seed=0)
     cells = Counter((item_type_of(it), it.answer) for it in pool)
@@ -176,25 +197,17 @@ def test_type_helpers_and_balance(splits):
     assert balance(biased, seed=0) == pool
 
 
-@pytest.mark.parametrize("vocab", [512, 1024])
-def test_token_lengths_within_budget(vocab, splits):
-    tok = train_tokenizer(tokenizer_corpus(0, n=800), vocab_size=vocab)
-    stats = token_lengths(splits[1], tok)
-    assert stats["total_max"] < 220, stats
-    if vocab == 1024:  # the task's phrases become one or two tokens; the embedded default's max_length is 160
-        assert stats["total_max"] < 120, stats
-        for phrase in list(DISTRESS_PHRASES) + list(SOCIAL_PHRASES):  # in context: after 。 or ，
-            assert max(len(tok.encode(sep + phrase)) for sep in "。，") <= 2, phrase
-
-
-def test_solved_needs_the_rationale_not_a_lucky_letter(splits):
-    """Selection counts an item as solved only with the right answer *and* the rationale's option lines."""
-    for it in splits[1][:40]:
-        gold = item_to_sft_messages(it)[1]["content"]
-        assert solved(it, gold) and len(option_lines(gold)) == 4
-        lines = option_lines(gold)
-        unmarked = gold.replace("√", "")  # the right letter, but no option judged: a guess
-        assert not solved(it, unmarked)
-        other = next(k for k in "ABCD" if k not in it.answer)
-        assert not solved(it, gold.rsplit("</think>", 1)[0] + "</think>" + other)
-        assert not solved(it, gold.replace(lines[0], lines[0].replace("应为", "应是")))
+def test_practice_scales_are_other_rules():
+    """The base model's corpus never teaches Xu Youxin's rule: no practice scale shares its phrases, its course
+    cut points or its level thresholds (one shares its level names); no cut point falls on a duration phrase."""
+    xu_phrases = set(XU.dims[0].phrases) | set(XU.dims[1].phrases)
+    for scale in PRACTICE_SCALES:
+        assert not xu_phrases & (set(scale.dims[0].phrases) | set(scale.dims[1].phrases)), scale.name
+        assert scale.course_cuts != XU.course_cuts and scale.level_cuts != XU.level_cuts
+        assert not set(scale.levels) & set(XU.levels) or scale.level_cuts != XU.level_cuts
+        assert [sum(s == k for s in dim.phrases.values()) for dim in scale.dims for k in (1, 2, 3)] == [2] * 6
+    for scale in SCALES.values():
+        assert all(m not in scale.course_cuts for m in DURATIONS.values())
+        assert {scale.course_score(d) for d in DURATIONS} == {1, 2, 3}
+        items, _ = make_splits(0, n_train=40, n_test=0, scale=scale)
+        assert all(it.id.startswith(scale.key + "/") and case_of(it).scale is scale for it in items)

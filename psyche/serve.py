@@ -3,8 +3,8 @@
     psyche serve ckpt/ --port 8000            # http://127.0.0.1:8000/v1/chat/completions, /v1/models
 
 Two parts:
-- `Engine`: runs generation requests through the sampler's steps (prefill, sample, decode_one_token; the loop
-  of `sampler.generate`, with rows that can leave early). Requests that share sampling settings (temperature,
+- `Engine`: runs generation requests through `sampler.generate`, whose rows can end early (their own
+  max_tokens, or a cancelled request). Requests that share sampling settings (temperature,
   top_p, top_k, min_p) run as rows of one batch; each row has its own seed and its own max_tokens, so a row's
   output is what `sampler.generate` gives for it alone (per-row seeds make rows independent of their batch
   mates). A row leaves the batch when it ends: its stop token, its own max_tokens, or its request cancelled
@@ -154,28 +154,22 @@ class Engine:
         for r in batch:
             r.done.set()
 
-    def _decode(self, batch: list[GenRequest], owner: list[tuple], compact_below: float = 0.75):
-        """`sampler.generate`'s loop over the rows `owner`, where a row stops being sampled as soon as it ends
-        (stop token, its own max_tokens, or its request cancelled), and the batch ends when no row is left.
-        Ended rows are dropped from the KV cache once fewer than `compact_below` of its rows are alive."""
+    def _decode(self, batch: list[GenRequest], owner: list[tuple]):
+        """One `sampler.generate` call over the rows `owner`: each row ends at its stop token, at its own
+        max_tokens or when its request is cancelled (a client that disconnected), and leaves the KV cache
+        with the finished ones; a request is done when all its rows have ended."""
         import torch
 
-        from psyche.kv_cache import KVCache
-        from psyche.sampler import decode_one_token, prefill, row_seeds, sample, uniforms
+        from psyche.sampler import generate, row_seeds
 
-        model, s = self.model, batch[0]
-        device = model.lm_head.weight.device
-        prompts = [r.prompt for r, _ in owner]
-        steps = max(r.max_tokens for r in batch)
-        seeds = torch.cat([row_seeds(r.seed, r.n) for r in batch]).to(device)
-        cache = KVCache.for_model(model, len(owner), max(map(len, prompts)) + steps)
-        logits = prefill(model, cache, prompts)  # (B, V)
-        rows = list(range(len(owner)))  # the row each cache slot holds
-        alive = [True] * len(owner)
+        s = batch[0]
+        seeds = torch.cat([row_seeds(r.seed, r.n) for r in batch])
+        limits = torch.tensor([r.max_tokens for r, _ in owner])
         left = {id(r): r.n for r in batch}  # rows still running, per request
+        ended = [False] * len(owner)
 
         def end(i):
-            alive[i] = False
+            ended[i] = True
             r, j = owner[i]
             if r.cancelled.is_set() and not (r.finished[j] or len(r.tokens[j]) >= r.max_tokens):
                 self.rows_freed += 1
@@ -185,18 +179,8 @@ class Engine:
                     self.cancelled += 1
                 r.done.set()
 
-        for t in range(steps):
-            for i in rows:
-                if alive[i] and owner[i][0].cancelled.is_set():
-                    end(i)
-            live = [b for b, i in enumerate(rows) if alive[i]]
-            if not live:
-                break
-            ids = torch.tensor([rows[b] for b in live], device=device)
-            u = uniforms(seeds[ids], t) if s.temperature > 0 else None  # greedy draws nothing
-            tok, _ = sample(logits[torch.tensor(live, device=device)], u, s.temperature, s.top_k, s.top_p, s.min_p)
-            for b, token in zip(live, tok.tolist()):
-                i = rows[b]
+        def on_token(step, rows, toks):
+            for i, token in zip(rows.tolist(), toks.tolist()):
                 r, j = owner[i]
                 r.tokens[j].append(token)
                 r.finished[j] = token in self.stop_ids
@@ -204,16 +188,20 @@ class Engine:
                     r.on_token(j, token)
                 if r.finished[j] or len(r.tokens[j]) >= r.max_tokens:
                     end(i)
-            n_alive = sum(alive[i] for i in rows)
-            if n_alive == 0 or t == steps - 1:
-                break
-            step_tok = torch.full((len(rows),), self.tok.pad_id, dtype=torch.long, device=device)
-            step_tok[torch.tensor(live, device=device)] = tok
-            if n_alive < compact_below * len(rows):  # ended rows stop costing compute
-                keep = [b for b, i in enumerate(rows) if alive[i]]
-                cache.keep(torch.tensor(keep, device=device))
-                rows, step_tok = [rows[b] for b in keep], step_tok[torch.tensor(keep, device=device)]
-            logits = decode_one_token(model, cache, step_tok)  # ended rows not yet dropped are fed a pad token
+
+        def should_end(rows):
+            out = []
+            for i in rows.tolist():
+                gone = not ended[i] and owner[i][0].cancelled.is_set()
+                if gone:
+                    end(i)
+                out.append(gone)
+            return out
+
+        generate(self.model, [r.prompt for r, _ in owner], max_new_tokens=int(limits.max()),
+                 temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
+                 stop_token_ids=sorted(self.stop_ids), pad_id=self.tok.pad_id, seeds=seeds, on_token=on_token,
+                 row_max_tokens=limits, should_end=should_end)
 
     @staticmethod
     def _fail(r: GenRequest, msg: str):

@@ -21,20 +21,21 @@ import click
 DEBUG_ENV = "PSYCHE_DEBUG"
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The errors that are the input's fault or the environment's, not the code's: reported as one line.
-    OSError covers missing files, permissions and a full disk."""
-    from psyche.config import ConfigError
-    from psyche.data import DataError
-    from psyche.pceb import BenchmarkError
-    from psyche.pipeline.io import PipelineError
-    from psyche.rewards import RewardError
-    from psyche.sft import NonFiniteLossError
-    from psyche.tokenizer import TokenizerError
-    from psyche.weights import CheckpointError
+# The errors that are the input's fault or the environment's, not the code's, by module.
+USER_ERRORS = (("psyche.config", "ConfigError"), ("psyche.data", "DataError"), ("psyche.weights", "CheckpointError"),
+               ("psyche.tokenizer", "TokenizerError"), ("psyche.sft", "NonFiniteLossError"),
+               ("psyche.rewards", "RewardError"), ("psyche.pceb", "BenchmarkError"),
+               ("psyche.pipeline.io", "PipelineError"))
 
-    return (ConfigError, DataError, CheckpointError, TokenizerError, NonFiniteLossError, FloatingPointError,
-            RewardError, BenchmarkError, PipelineError, OSError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors reported as one line: the project's own (those of the modules already imported: an error can
+    only come from a module that was loaded, and a config error then costs no torch import), a non-finite
+    value, and OSError (missing files, permissions, a full disk)."""
+    import sys
+
+    own = tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules)
+    return own + (FloatingPointError, OSError)
 
 
 def one_line(e: BaseException) -> str:

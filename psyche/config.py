@@ -16,8 +16,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 # Keys a config.json must have; everything else has a Qwen2 default.
 REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 SUPPORTED_MODEL_TYPES = ("qwen2",)
@@ -64,7 +62,10 @@ class ModelConfig:
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (Qwen2 uses 'silu')")
 
     @property
-    def dtype(self) -> torch.dtype:
+    def dtype(self):
+        """The torch dtype of `torch_dtype` (torch is imported here only: reading a config needs no torch)."""
+        import torch
+
         return getattr(torch, self.torch_dtype)
 
     def num_params(self) -> int:

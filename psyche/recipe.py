@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import click
-import torch
 
 from psyche.config import ConfigError, RunConfig
 from psyche.evaluate import credit, extract_answer

@@ -349,7 +349,8 @@ def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_ou
     from psyche import dist
     from psyche.checkpoint import latest_checkpoint, load_checkpoint
     from psyche.config import load_run_config
-    from psyche.diagnostics import StepDiagnostics, global_norm, load_step_dump
+    from psyche.diagnostics import StepDiagnostics, load_step_dump
+    from psyche.dist import global_norm
     from psyche.grpo import LossConfig, micro_loss, update_policy
     from psyche.sft import build_model_for_training, build_optimizer, build_scheduler
 
@@ -377,11 +378,11 @@ def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_ou
     model.zero_grad(set_to_none=True)
     first_loss = 0.0
     for s in range(0, len(rows), kw["micro_batch"]):
-        loss, terms, _, _ = micro_loss(model, batch.rows(rows[s:s + kw["micro_batch"]]), lc, n_tok, n_seq)
+        loss, logged, _ = micro_loss(model, batch.rows(rows[s:s + kw["micro_batch"]]), lc, n_tok, n_seq)
         loss.backward()
-        first_loss += terms["loss"]
+        first_loss += float(logged["loss"])
     grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
-    first = {"loss": first_loss, "grad_norm": global_norm(list(grads.values()))}
+    first = {"loss": first_loss, "grad_norm": float(global_norm(list(grads.values())))}
     if grad_out:
         save_file({k: v.contiguous() for k, v in grads.items()}, str(grad_out))
     model.zero_grad(set_to_none=True)

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint.state_dict as sd_api  # full (unsharded) state dicts under FSDP2
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
@@ -90,9 +91,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 # ---- gathering state ----
 
 def _options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **kw)
+    return sd_api.StateDictOptions(full_state_dict=True, **kw)
 
 
 def _multi() -> bool:
@@ -103,15 +102,11 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded state dict on CPU, on rank 0 (an empty dict on other ranks). Collective under FSDP."""
     if not _multi():
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    return get_model_state_dict(model, options=_options(cpu_offload=True))
+    return sd_api.get_model_state_dict(model, options=_options(cpu_offload=True))
 
 
 def _full_optim_state(model: nn.Module, optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=_multi()))
+    return sd_api.get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=_multi()))
 
 
 def load_full_model_state(model: nn.Module, sd: dict):
@@ -119,15 +114,11 @@ def load_full_model_state(model: nn.Module, sd: dict):
     if not _multi():
         model.load_state_dict(sd, strict=True)
         return
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-    set_model_state_dict(model, sd, options=_options(broadcast_from_rank0=True))
+    sd_api.set_model_state_dict(model, sd, options=_options(broadcast_from_rank0=True))
 
 
 def _set_optim_state(model: nn.Module, optimizer, sd: dict):
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, sd, options=_options(broadcast_from_rank0=_multi()))
+    sd_api.set_optimizer_state_dict(model, optimizer, sd, options=_options(broadcast_from_rank0=_multi()))
 
 
 def rng_state() -> dict:

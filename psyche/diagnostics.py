@@ -30,6 +30,7 @@ Every function here only reads the batch and the model; the update's gradients a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections import defaultdict
@@ -39,42 +40,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from psyche import dist
-from psyche.grpo_loss import AGGS, KL_KINDS, aggregate, kl_estimate, policy_loss
+from psyche.grpo_loss import AGGS, KL_KINDS, kl_estimate, objective
 
 POS_EDGES = (0, 4, 16, 64, 256, 1024)  # completion-position buckets [0,4) [4,16) ... [1024, ∞)
 SIGNS = (("adv_pos", 1), ("adv_neg", -1), ("adv_zero", 0))
 PASS_RATES = "pass_rates.jsonl"
 
 
-# ---- the loss, term by term ----
-
-def loss_terms(lp, ent, b, lc, n_tokens, n_seqs, *, agg: str | None = None, mask=None) -> dict:
-    """The objective of psyche.grpo.micro_loss as separate tensors, under aggregation `agg` (default lc.agg) and
-    restricted to `mask` (default the batch's completion mask):
-
-        pg = policy_loss(lp, lp_old, A, mask, agg)      kl = agg(k(lp, lp_ref))      H = agg(entropy)
-        loss = pg + β·kl·[KL in the loss] − c_H·H
-
-    With the global counts n_tokens / n_seqs every aggregation is a sum of per-row contributions, so splitting
-    the mask by rows splits the loss (and its gradient) exactly."""
-    mask = b.mask if mask is None else mask
-    agg = agg or lc.agg
-    kw = dict(norm_length=lc.norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
-    old = b.old_logp if b.old_logp is not None else lp.detach()
-    pg, _ = policy_loss(lp, old, b.advantages, mask, clip_low=lc.clip_low, clip_high=lc.clip_high,
-                        dual_clip=lc.dual_clip, ratio_level=lc.ratio_level, agg=agg, **kw)
-    out = {"pg": pg}
-    loss = pg
-    if b.ref_logp is not None:
-        out["kl"] = aggregate(kl_estimate(lp, b.ref_logp, lc.kl_kind), mask, agg, **kw)
-        if lc.kl_coef and lc.kl_in_loss:
-            loss = loss + lc.kl_coef * out["kl"]
-    out["entropy"] = aggregate(ent, mask, agg, **kw)
-    if lc.entropy_coef:
-        loss = loss - lc.entropy_coef * out["entropy"]
-    out["loss"] = loss
-    return out
-
+# ---- the loss, part by part ----
 
 def split_parts(lc, has_ref: bool) -> dict[str, list[str]]:
     """The two partitions of the loss whose gradients `part_gradients` computes, as far as the config makes
@@ -93,13 +66,13 @@ def part_loss(name: str, lp, ent, b, lc, n_tokens, n_seqs):
     if name.startswith("adv_"):
         s = dict(SIGNS)[name]
         rows = torch.sign(b.advantages.to(lp.dtype)) == s  # (B,)
-        return loss_terms(lp, ent, b, lc, n_tokens, n_seqs, mask=b.mask & rows[:, None])["loss"]
-    t = loss_terms(lp, ent, b, lc, n_tokens, n_seqs)
+        return objective(lp, ent, b, lc, n_tokens, n_seqs, mask=b.mask & rows[:, None])[0]["loss"]
+    t, _ = objective(lp, ent, b, lc, n_tokens, n_seqs)
     return {"policy": lambda: t["pg"], "kl": lambda: lc.kl_coef * t["kl"],
             "entropy": lambda: -lc.entropy_coef * t["entropy"]}[name]()
 
 
-def part_gradients(model, batch, rows, lc, names, *, micro_batch: int, n_tokens, n_seqs, loss_scale: float = 1.0):
+def part_gradients(model, batch, rows, lc, names, *, micro_batch: int, n_tokens, n_seqs, amp=None):
     """For each part in `names`: zero the gradients, then forward + backward that part's loss over the
     mini-batch `rows` micro-batch by micro-batch (the same accumulation as the update), and yield
     (name, [p.grad for p in params]). The caller reads the gradients before asking for the next part."""
@@ -111,20 +84,15 @@ def part_gradients(model, batch, rows, lc, names, *, micro_batch: int, n_tokens,
             p.grad = None
         for s in range(0, len(rows), micro_batch):
             b = batch.rows(rows[s:s + micro_batch])
-            lp, ent = sequence_logprobs(model, b, lc.temperature)
-            (part_loss(name, lp, ent, b, lc, n_tokens, n_seqs) * loss_scale).backward()
+            with amp if amp is not None else contextlib.nullcontext():
+                lp, ent = sequence_logprobs(model, b, lc.temperature)
+                loss = part_loss(name, lp, ent, b, lc, n_tokens, n_seqs)
+            loss.backward()
         yield name, [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
-def global_norm(tensors) -> float:
-    """L2 norm of a list of tensors (local shards of DTensors summed over ranks)."""
-    from torch.distributed.tensor import DTensor
-
-    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-    sq = torch.stack([torch.linalg.vector_norm(t.float()) ** 2 for t in local]).sum() if local else torch.zeros(())
-    if any(isinstance(t, DTensor) for t in tensors):
-        dist.all_reduce_sum(sq)
-    return float(sq.sqrt())
+def _norm(tensors) -> float:
+    return float(dist.global_norm(tensors))
 
 
 # ---- positions and signs ----
@@ -139,18 +107,6 @@ def position_buckets(edges=POS_EDGES) -> list[tuple[str, int, float]]:
     bounds = list(edges) + [float("inf")]
     return [(f"pos_{lo}-{int(hi) - 1}" if hi != float("inf") else f"pos_{lo}+", lo, hi)
             for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-
-def _all_sum(d: dict) -> dict:
-    """Sum a dict of numbers over ranks (one all-reduce; every rank must hold the same keys)."""
-    if dist.get_world_size() == 1:
-        return dict(d)
-    keys = sorted(d)
-    t = torch.tensor([float(d[k]) for k in keys], dtype=torch.float64)
-    if torch.distributed.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce_sum(t)
-    return dict(zip(keys, t.tolist()))
 
 
 # ---- the collector used inside update_policy ----
@@ -173,7 +129,7 @@ class StepDiagnostics:
         """Add this micro-batch's share of the mini-batch loss under every mode, and its entropy sums."""
         lp, ent = lp.detach(), ent.detach()
         for mode in AGGS:
-            t = loss_terms(lp, ent, b, self.lc, n_tokens, n_seqs, agg=mode)
+            t, _ = objective(lp, ent, b, self.lc, n_tokens, n_seqs, agg=mode)
             self.sums[f"pg_loss/{mode}"] += float(t["pg"])
             self.sums[f"loss/{mode}"] += float(t["loss"])
         e = ent.float()
@@ -188,13 +144,13 @@ class StepDiagnostics:
             self.sums[f"H/{name}"] += float(e[sel].sum())
             self.sums[f"n/{name}"] += int(sel.sum())
 
-    def split(self, model, batch, rows, *, micro_batch, n_tokens, n_seqs, loss_scale=1.0):
+    def split(self, model, batch, rows, *, micro_batch, n_tokens, n_seqs, amp=None):
         """Gradient norms of each part of the mini-batch `rows`, with the accumulated total gradient (already in
         .grad) put back untouched afterwards. Logs ‖g_part‖ and the relative residual ‖g − Σ g_part‖ / ‖g‖ of
         each partition (≈ 1e-7 in fp32: the parts are exact by construction)."""
         params = [p for p in model.parameters() if p.requires_grad]
         total = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-        t_norm = global_norm(total)
+        t_norm = _norm(total)
         parts = split_parts(self.lc, batch.ref_logp is not None)
         if not parts["term"]:  # the policy term is the whole loss
             self.norms["grad_norm/policy"] += t_norm
@@ -203,11 +159,11 @@ class StepDiagnostics:
                 continue
             acc = [torch.zeros_like(g) for g in total]
             for name, grads in part_gradients(model, batch, rows, self.lc, names, micro_batch=micro_batch,
-                                              n_tokens=n_tokens, n_seqs=n_seqs, loss_scale=loss_scale):
-                self.norms[f"grad_norm/{name}"] += global_norm(grads)
+                                              n_tokens=n_tokens, n_seqs=n_seqs, amp=amp):
+                self.norms[f"grad_norm/{name}"] += _norm(grads)
                 for a, g in zip(acc, grads):
                     a.add_(g)
-            res = global_norm([t - a for t, a in zip(total, acc)]) / max(t_norm, 1e-30)
+            res = _norm([t - a for t, a in zip(total, acc)]) / max(t_norm, 1e-30)
             self.residual = max(self.residual, res)
         for p, g in zip(params, total):
             p.grad = g
@@ -215,7 +171,7 @@ class StepDiagnostics:
     def result(self, n_updates: int) -> dict:
         """Metrics: loss/<mode>, pg_loss/<mode> (mean over the step's optimizer steps, like `loss`), entropy by
         bucket (token-weighted means; empty buckets left out), grad_norm/<part> (mean over optimizer steps)."""
-        s = _all_sum(self.sums)
+        s = dist.sum_over_ranks(dict(self.sums))
         out = {}
         for k, v in sorted(s.items()):
             if k.startswith(("loss/", "pg_loss/")):
@@ -232,35 +188,22 @@ class StepDiagnostics:
 
 @torch.no_grad()
 def kl_check(policy, ref, batch, temperature: float, chunk: int = 256) -> dict:
-    """Exact KL_t = Σ_v π(v) (log π(v) − log π_ref(v)) at every completion position t (both at `temperature`),
-    against the one-sample estimates k1, k2, k3 (psyche.grpo_loss.kl_estimate) of the sampled token y_t ~ π:
+    """Exact KL_t at every completion position t (psyche.grpo.completion_kl) against the one-sample estimates
+    k1, k2, k3 (psyche.grpo_loss.kl_estimate) of the sampled token y_t ~ π:
 
         kl_exact = mean_t KL_t          kl_k{i} = mean_t k_i,t
         kl_bias/k{i} = mean_t (k_i,t − KL_t)      kl_abs_err/k{i} = mean_t |k_i,t − KL_t|
 
     k1 and k3 are unbiased (E_y[k] = KL_t), k2 is not; the absolute error shows each one's spread. Token means
-    are combined over ranks by token weight (psyche.grpo_run.combine_ranks), which is exact for all of these."""
-    h = policy(batch.input_ids, return_hidden=True)
-    dev_ref = next(ref.parameters()).device
-    h_ref = ref(batch.input_ids.to(dev_ref), return_hidden=True)
-    r, c = batch.mask.nonzero(as_tuple=True)
-    exact, est = [], {k: [] for k in KL_KINDS}
-    for s in range(0, len(r), chunk):
-        rr, cc = r[s:s + chunk], c[s:s + chunk]
-        lp = torch.log_softmax(policy.lm_head(h[rr, cc]).float() / temperature, -1)  # (n, V)
-        lq = torch.log_softmax(ref.lm_head(h_ref[rr.to(dev_ref), cc.to(dev_ref)]).float().to(lp.device)
-                               / temperature, -1)
-        exact.append((lp.exp() * (lp - lq)).sum(-1))
-        y = batch.targets[rr, cc].to(lp.device)[:, None]
-        lp_y, lq_y = lp.gather(-1, y)[:, 0], lq.gather(-1, y)[:, 0]
-        for k in KL_KINDS:
-            est[k].append(kl_estimate(lp_y, lq_y, k))
-    if not exact:
+    are combined over ranks by token weight (psyche.grpo.METRICS), which is exact for all of these."""
+    from psyche.grpo import completion_kl
+
+    ex, lp_y, lq_y = completion_kl(policy, ref, batch, temperature, chunk)
+    if not ex.numel():
         return {"kl_exact": 0.0}
-    ex = torch.cat(exact)
     out = {"kl_exact": float(ex.mean())}
     for k in KL_KINDS:
-        e = torch.cat(est[k])
+        e = kl_estimate(lp_y, lq_y, k)
         out[f"kl_{k}"] = float(e.mean())
         out[f"kl_bias/{k}"] = float((e - ex).mean())
         out[f"kl_abs_err/{k}"] = float((e - ex).abs().mean())
@@ -278,8 +221,8 @@ def pass_counts(b, key: str = "accuracy") -> dict[str, list[int]]:
     hits = (b.reward_parts[key] == 1).view(-1, G).sum(1).tolist()
     out: dict[str, list[int]] = {}
     for g, n in enumerate(hits):
-        item = b.items[g * G] if getattr(b, "items", None) else {}
-        pid = str(item.get("id", f"#{b.prompt_ids[g]}"))
+        item = b.items[g * G] if b.items else {}
+        pid = str(item.get("id", f"#{b.prompt_ids[g * G]}"))
         c = out.setdefault(pid, [0, 0])
         c[0] += n
         c[1] += G
@@ -349,7 +292,7 @@ def save_step_dump(run_dir, step: int, b, *, cfg, lc, update_kw: dict, model, op
     tensors.update({f"reward_parts/{k}": v.contiguous() for k, v in b.reward_parts.items()})
     save_file({k: v.cpu() for k, v in tensors.items()}, str(d / f"batch_rank{rank}.safetensors"))
     text = {"group_size": b.group_size, "texts": b.texts, "prompts": b.prompts,
-            "items": getattr(b, "items", []), "prompt_ids": getattr(b, "prompt_ids", [])}
+            "items": b.items, "prompt_ids": b.prompt_ids}
     (d / f"batch_rank{rank}.json").write_text(json.dumps(text, ensure_ascii=False), encoding="utf-8")
     if dist.is_main():
         meta = {"step": step, "world_size": dist.get_world_size(), "loss_config": dataclasses.asdict(lc),
@@ -397,6 +340,6 @@ def load_step_dump(d) -> tuple[dict, "RolloutBatch"]:  # noqa: F821
                      take("lengths", 0), take("finished", False), texts[0]["group_size"], take("rewards", 0.0),
                      take("advantages", 0.0), take("old_logp", 0.0), take("ref_logp", 0.0))
     b.reward_parts = {k.split("/", 1)[1]: take(k, 0.0) for k in shards[0] if k.startswith("reward_parts/")}
-    for name in ("texts", "prompts", "items"):
-        setattr(b, name, [texts[r][name][i] for r, i in order if texts[r][name]])
+    for name in ("texts", "prompts", "items", "prompt_ids"):
+        setattr(b, name, [texts[r][name][i] for r, i in order if texts[r].get(name)])
     return meta, b

@@ -6,8 +6,8 @@ Policy, in one place:
   activation checkpointing -> torch.compile -> `fully_shard` on each decoder block -> `fully_shard` on the
   root (torchtitan's order), so embeddings, final norm and lm_head (tied or not) form the root's group.
 - One rank is never sharded: FSDP2 with a single shard only adds DTensor bookkeeping. The 1-rank run is the
-  reference the N-rank run must reproduce (tests/test_dist.py). On CUDA a bf16 compute dtype is then
-  applied with `torch.autocast` (fp32 master weights), under FSDP2 with `MixedPrecisionPolicy`
+  reference the N-rank run must reproduce (tests/test_dist.py). A bf16 compute dtype is then applied
+  with `torch.autocast` (fp32 master weights, CPU or CUDA), under FSDP2 with `MixedPrecisionPolicy`
   (param_dtype for compute, reduce_dtype for gradient reduction, fp32 sharded master weights).
 
 The model code never sees any of this: it is a plain nn.Module before and after.
@@ -74,6 +74,31 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def _reduce_numbers(x, op):
+    if isinstance(x, dict):
+        keys = sorted(x)
+        return dict(zip(keys, _reduce_numbers([float(x[k]) for k in keys], op)))
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [float(v) for v in x] if isinstance(x, list) else float(x)
+    t = torch.tensor(x if isinstance(x, list) else [float(x)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=op)
+    return t.tolist() if isinstance(x, list) else float(t.item())
+
+
+def sum_over_ranks(x):
+    """A number (or a tensor holding one), a list of numbers or a dict of them, summed over ranks in float64
+    -> Python float(s). One all-reduce; every rank must pass the same keys. Identity (as floats) in one
+    process. For host-side numbers: counts, metric sums; use `all_reduce_sum` for tensors that stay."""
+    return _reduce_numbers(x, dist.ReduceOp.SUM if dist.is_available() else None)
+
+
+def max_over_ranks(x):
+    """As `sum_over_ranks`, with the maximum."""
+    return _reduce_numbers(x, dist.ReduceOp.MAX if dist.is_available() else None)
 
 
 def broadcast_object(obj, src: int = 0):
@@ -152,10 +177,11 @@ def parallelize(model: nn.Module, *, activation_checkpointing: bool = False, com
 
 
 def autocast(model: nn.Module, device: torch.device, compute_dtype: torch.dtype):
-    """The context a forward runs in: bf16 autocast for an unsharded model on CUDA with a bf16 compute dtype;
-    nothing otherwise (FSDP2 already casts parameters through its MixedPrecisionPolicy)."""
-    if device.type == "cuda" and compute_dtype != torch.float32 and not is_sharded(model):
-        return torch.autocast("cuda", dtype=compute_dtype)
+    """The context a forward runs in: `torch.autocast` in the compute dtype for an unsharded model whose
+    compute dtype is not fp32 (CPU or CUDA; the weights stay fp32); nothing otherwise (FSDP2 already casts
+    parameters through its MixedPrecisionPolicy). A fresh context manager object on every call."""
+    if compute_dtype != torch.float32 and not is_sharded(model):
+        return torch.autocast(device.type, dtype=compute_dtype)
     return contextlib.nullcontext()
 
 
@@ -194,25 +220,33 @@ def unsharded(model: nn.Module):
 # ---- gradients ----
 
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
-    """Total L2 norm of all gradients, over every rank's shards: sqrt(sum_ranks sum_local g^2), in fp32.
-    Scales the gradients by min(1, max_norm / (norm + 1e-6)) when max_norm > 0. Returns the pre-clip norm.
+def global_norm(tensors) -> torch.Tensor:
+    """L2 norm of a list of tensors in fp32, over every rank's shards: sqrt(Σ_ranks Σ_local t²). A sharded
+    (DTensor) tensor contributes its local shard and the squares are summed over ranks; shards are disjoint,
+    so every element is counted once."""
+    from torch.distributed.tensor import DTensor
 
-    A sharded (DTensor) gradient contributes its local shard and the squares are summed over ranks; shards
-    are disjoint, so every element is counted once. Parameters shared by two modules are listed once.
-    """
+    if not tensors:
+        return torch.zeros(())
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    sq = torch.stack([torch.linalg.vector_norm(t.float()) ** 2 for t in local]).sum()
+    if any(isinstance(t, DTensor) for t in tensors):
+        all_reduce_sum(sq)
+    return sq.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """Total L2 norm of all gradients (`global_norm`: every rank's shards). Scales the gradients by
+    min(1, max_norm / (norm + 1e-6)) when max_norm > 0. Returns the pre-clip norm. Parameters shared by two
+    modules are listed once by `parameters()`, so a tied embedding counts once."""
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    sq = torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in local]).sum()
-    if any(isinstance(g, DTensor) for g in grads):
-        all_reduce_sum(sq)
-    norm = sq.sqrt()
-    if max_norm > 0:
+    norm = global_norm(grads)
+    if grads and max_norm > 0:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g in local:
+        for g in grads:
+            g = g.to_local() if isinstance(g, DTensor) else g
             g.mul_(coef.to(g.device, g.dtype))
     return norm

@@ -1,12 +1,12 @@
-"""PCEB and CPsyExam scoring as their authors do it, and the seed's results table.
+"""PCEB and CPsyExam scoring as their authors do it, and Psyche-R1's results table.
 
 Scoring works on any list of `Item`s (loaded from disk or generated) and a dict of responses {item id: text}:
 
     items = load_pceb("../shared/data/pceb")
     report = score_predictions(items, responses)      # the JSON report (scores in percent)
-    print(report_markdown({"my-model": report}))      # the seed's 14-column table
+    print(report_markdown({"my-model": report}))      # Psyche-R1's 14-column table
 
-PCEB rules (GUIDE §6, as the benchmark's authors score):
+PCEB rules (as the benchmark's authors score):
 - answer extraction: see `extract_answer`; no letter found = "missing";
 - credit: 1 for an exact match, |pred|/|gold| when the predicted letters are a proper subset of the gold, else 0;
 - strict = exact / (total - missing), elastic = sum(credit) / (total - missing): missing answers leave the
@@ -134,7 +134,7 @@ def mean_or_none(values) -> float | None:
 
 
 def seed_averages(smcq: list, mmcq_strict: list, mmcq_elastic: list) -> tuple[float | None, float | None]:
-    """(Avg, bracketed Avg) as in the seed's table: mean of the six strict scores, and mean of the three SMCQ
+    """(Avg, bracketed Avg) as in Psyche-R1's table: mean of the six strict scores, and mean of the three SMCQ
     scores with the three MMCQ elastic scores."""
     return mean_or_none(smcq + mmcq_strict), mean_or_none(smcq + mmcq_elastic)
 
@@ -243,7 +243,7 @@ def score_predictions(items: list[Item], responses: dict[str, str]) -> dict:
     return r
 
 
-# (header, report key) for the seed's 14 columns
+# (header, report key) for Psyche-R1's 14 columns
 COLUMNS = [("Case SMCQ", "case_smcq"), ("Case MMCQ", "case_mmcq_strict"), ("Case MMCQ el.", "case_mmcq_elastic"),
            ("Moral SMCQ", "moral_smcq"), ("Moral MMCQ", "moral_mmcq_strict"), ("Moral MMCQ el.", "moral_mmcq_elastic"),
            ("Theory SMCQ", "theory_smcq"), ("Theory MMCQ", "theory_mmcq_strict"),
@@ -265,7 +265,7 @@ def _table(columns, rows: dict[str, dict], bracketed=()) -> list[str]:
 
 
 def report_markdown(rows: dict[str, dict]) -> str:
-    """The seed's table, a row per model: Case/Moral/Theory SMCQ, MMCQ strict and elastic; Avg; (the bracketed
+    """Psyche-R1's table, a row per model: Case/Moral/Theory SMCQ, MMCQ strict and elastic; Avg; (the bracketed
     Avg); Case QA R-1, R-L, B-4. Values in percent with two decimals, "–" where a group had no answered item.
     A line under the table gives each model's count of missing answers."""
     lines = _table(COLUMNS, rows, bracketed=("avg_elastic",))
@@ -419,9 +419,7 @@ def generate_responses(model, tokenizer, items: list[Item], style: str = "psyche
     """Responses of `model` to every item's chat prompt: prompts sorted by length and batched, each item with its
     own sampling seed (so results do not depend on the batch size; temperature 0 is greedy). An item whose prompt
     leaves no room for max_new_tokens in the model's context gets "" (it then counts as missing)."""
-    import torch
-
-    from psyche.sampler import generate, row_seeds
+    from psyche.sampler import generate_texts, row_seeds
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     prompts = [tokenizer.encode(tokenizer.render_chat(build_prompt(it, style), add_generation_prompt=True))
@@ -433,16 +431,8 @@ def generate_responses(model, tokenizer, items: list[Item], style: str = "psyche
         if len(prompts[i]) > room:
             log(f"skip {items[i].id}: prompt of {len(prompts[i])} tokens leaves no room for {max_new_tokens}")
     todo = [i for i in order if len(prompts[i]) <= room]
-    seeds = row_seeds(seed, len(items))
-    n_batches = -(-len(todo) // batch_size)
-    for b in range(n_batches):
-        idx = todo[b * batch_size:(b + 1) * batch_size]
-        with torch.inference_mode():
-            out = generate(model, [prompts[i] for i in idx], n=1, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p, stop_token_ids=tokenizer.stop_ids,
-                           seed=seed, seeds=seeds[idx])
-        for j, i in enumerate(idx):
-            ids = out.tokens[j, :int(out.lengths[j])].tolist()
-            responses[items[i].id] = tokenizer.decode(ids, skip_special_tokens=True)
-        log(f"batch {b + 1}/{n_batches}: {len(idx)} prompts of up to {len(prompts[idx[-1]])} tokens")
+    texts = generate_texts(model, tokenizer, [prompts[i] for i in todo], batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           seeds=row_seeds(seed, len(items))[todo], log=log)
+    responses.update({items[i].id: t for i, t in zip(todo, texts)})
     return responses

@@ -2,30 +2,36 @@
 
 The math lives in psyche/grpo_loss.py (plain tensor functions, re-exported here); this file moves tensors
 between the sampler, the reward functions and the optimizer. Deliberate choices, each a config knob:
-- log-probs are recomputed at the sampling temperature (trap 4), over the full vocabulary (no top-p);
+- log-probs are recomputed at the sampling temperature, over the full vocabulary (no top-p): a ratio
+  between log-probs at two different temperatures is not an importance ratio;
 - the loss is normalised by the token / sequence counts of the whole mini-batch on all ranks, so micro-batch
-  size and world size do not change the gradient (trap 1);
-- the completion mask comes from the sampler's lengths, never from `token != pad` (trap 5);
+  size and world size do not change the gradient (a per-micro-batch mean would weight short micro-batches up);
+- the completion mask comes from the sampler's lengths, never from `token != pad`: the pad id can be a real
+  token (Qwen's pad is <|endoftext|>), and a completion's stop token is trained on;
 - groups whose rewards are all equal are counted (`zero_std_frac`) and, with dynamic sampling, replaced;
 - truncated completions (no stop token) get reward 0 by default, or are masked, or pay an overlong penalty.
+
+`METRICS` says, for every value a step logs, how it combines over micro-batches and over ranks.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
-from psyche.grpo_loss import (AGGS, ESTIMATORS, KL_KINDS, aggregate, compute_advantages, exact_kl,  # noqa: F401
-                              kl_estimate, policy_loss, zero_std_groups)
+from psyche import dist
+from psyche.grpo_loss import (AGGS, ESTIMATORS, KL_KINDS, LossConfig, aggregate, compute_advantages,  # noqa: F401
+                              exact_kl, kl_estimate, objective, policy_loss, zero_std_groups)
 from psyche.sampler import Rollout
 
 
 @dataclass
 class RolloutBatch:
     """N = prompts × G sequences (prompt + completion), right-padded, in sequence coordinates: position t of
-    a row predicts token t + 1, so completion token k of row i sits at target position P_i − 1 + k."""
+    a row predicts token t + 1, so completion token k of row i sits at target position P_i − 1 + k.
+    A prompt's G rows are consecutive. Every per-row field has N entries and `rows` keeps them aligned."""
 
     input_ids: torch.Tensor  # (N, T)
     targets: torch.Tensor  # (N, T) next token at completion positions, −1 elsewhere
@@ -38,20 +44,36 @@ class RolloutBatch:
     advantages: torch.Tensor | None = None  # (N,)
     old_logp: torch.Tensor | None = None  # (N, T) the sampling policy's log-probs as the trainer computes them
     ref_logp: torch.Tensor | None = None  # (N, T)
-    reward_parts: dict = field(default_factory=dict)  # name -> (N,) values of each reward function
-    texts: list = field(default_factory=list)  # N completion texts
-    prompts: list = field(default_factory=list)  # N prompt texts (repeated per group)
+    reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (N,) each reward function
+    texts: list[str] = field(default_factory=list)  # N completion texts
+    prompts: list[str] = field(default_factory=list)  # N prompt texts (repeated per group)
+    items: list[dict] = field(default_factory=list)  # N items the rewards checked (answer, qtype, id, ...)
+    prompt_ids: list[int] = field(default_factory=list)  # N indices of each row's prompt in the prompt file(s)
 
-    def rows(self, idx):
-        """The sub-batch of rows `idx` (a micro-batch), trimmed to its longest sequence."""
-        idx = torch.as_tensor(idx, dtype=torch.long, device=self.input_ids.device)
-        T = int((self.mask[idx].nonzero()[:, 1].max() + 2) if self.mask[idx].any() else 1)
-        pick = lambda x: None if x is None else x[idx][:, :T]  # noqa: E731
-        return RolloutBatch(self.input_ids[idx][:, :T], self.targets[idx][:, :T], self.mask[idx][:, :T],
+    @property
+    def n_groups(self) -> int:
+        return self.input_ids.shape[0] // self.group_size
+
+    def rows(self, idx) -> "RolloutBatch":
+        """The sub-batch of rows `idx` (a micro-batch, or whole groups), every per-row field included, trimmed
+        to its longest sequence."""
+        idx_list = [int(i) for i in idx]
+        idx = torch.as_tensor(idx_list, dtype=torch.long, device=self.input_ids.device)
+        m = self.mask[idx]
+        # the last target position t needs inputs 0..t; one more column keeps the token t predicts, so each
+        # trimmed row is still its whole sequence
+        T = int(m.nonzero()[:, 1].max()) + ROW_TAIL if m.any() else 1
+        cut = lambda x: None if x is None else x[idx][:, :T]  # noqa: E731
+        pick = lambda x: None if x is None else x[idx]  # noqa: E731
+        sel = lambda xs: [xs[i] for i in idx_list] if xs else []  # noqa: E731
+        return RolloutBatch(self.input_ids[idx][:, :T], self.targets[idx][:, :T], m[:, :T],
                             self.sampler_logp[idx][:, :T], self.lengths[idx], self.finished[idx], self.group_size,
-                            None if self.rewards is None else self.rewards[idx],
-                            None if self.advantages is None else self.advantages[idx],
-                            pick(self.old_logp), pick(self.ref_logp))
+                            pick(self.rewards), pick(self.advantages), cut(self.old_logp), cut(self.ref_logp),
+                            {k: v[idx.to(v.device)] for k, v in self.reward_parts.items()}, sel(self.texts),
+                            sel(self.prompts), sel(self.items), sel(self.prompt_ids))
+
+
+ROW_TAIL = 2  # columns kept past a row's last target position: its own and the token it predicts
 
 
 def build_batch(prompts: list[list[int]], rollout: Rollout, pad_id: int) -> RolloutBatch:
@@ -97,7 +119,8 @@ def shape_rewards(rewards: torch.Tensor, batch: RolloutBatch, *, truncation: str
     """Apply the truncation policy to raw rewards (N,).
 
     zero:    a truncated completion (no stop token) gets reward 0 — its answer never finished (default).
-    keep:    rewarded as scored (trap 7; kept only for ablations).
+    keep:    rewarded as scored: an unfinished answer that happens to parse earns reward, which
+             teaches the model to ramble to the limit (kept only for ablations).
     mask:    rewarded as scored, but excluded from the loss (its mask is cleared by `apply_truncation_mask`).
     penalty: DAPO's soft overlong punishment: for lengths in (max − buffer, max] the reward falls linearly by
              up to `overlong_penalty`; truncated completions get the full penalty.
@@ -123,8 +146,9 @@ def apply_truncation_mask(batch: RolloutBatch):
 
 
 def logprob_gap(sampler_logp, trainer_logp, mask) -> dict:
-    """How far the sampler's log-probs are from the trainer's for the same weights (trap 10):
-    mean |Δ| over completion tokens and the k3 KL estimate between the two."""
+    """How far the sampler's log-probs are from the trainer's for the same weights (different kernels, a
+    different batch shape or precision): mean |Δ| over completion tokens and the k3 KL estimate between the
+    two. A gap well above float rounding means the "on-policy" update is not."""
     m = mask.bool()
     if not m.any():
         return {"logprob_gap": 0.0, "logprob_gap_kl": 0.0}
@@ -134,170 +158,170 @@ def logprob_gap(sampler_logp, trainer_logp, mask) -> dict:
 
 
 @torch.no_grad()
-def exact_kl_tokens(policy, ref, batch: RolloutBatch, temperature: float, chunk: int = 256) -> torch.Tensor:
-    """Full-vocabulary KL(π || π_ref) at every completion position (n,), chunked over positions."""
+def completion_kl(policy, ref, batch: RolloutBatch, temperature: float, chunk: int = 256):
+    """At every completion position t (in `batch.mask.nonzero()` order), both at `temperature`:
+    the exact full-vocabulary KL_t = Σ_v π(v) (log π(v) − log π_ref(v)), and log π(y_t), log π_ref(y_t) of the
+    sampled token -> three (n,) tensors. Chunked over positions: never more than `chunk` × V log-probs."""
     h = policy(batch.input_ids, return_hidden=True)
-    h_ref = ref(batch.input_ids.to(next(ref.parameters()).device), return_hidden=True).to(h.device)
+    dev_ref = next(ref.parameters()).device
+    h_ref = ref(batch.input_ids.to(dev_ref), return_hidden=True)
     r, c = batch.mask.nonzero(as_tuple=True)
-    out = []
+    exact, lp_y, lq_y = [], [], []
     for s in range(0, len(r), chunk):
         rr, cc = r[s:s + chunk], c[s:s + chunk]
-        out.append(exact_kl(policy.lm_head(h[rr, cc]), ref.lm_head(h_ref[rr, cc].to(ref.lm_head.weight.device))
-                            .to(h.device), temperature))
-    return torch.cat(out) if out else h.new_zeros(0)
+        lp = torch.log_softmax(policy.lm_head(h[rr, cc]).float() / temperature, -1)  # (n, V)
+        lq = torch.log_softmax(ref.lm_head(h_ref[rr.to(dev_ref), cc.to(dev_ref)]).float().to(lp.device)
+                               / temperature, -1)
+        exact.append((lp.exp() * (lp - lq)).sum(-1))
+        y = batch.targets[rr, cc].to(lp.device)[:, None]
+        lp_y.append(lp.gather(-1, y)[:, 0])
+        lq_y.append(lq.gather(-1, y)[:, 0])
+    if not exact:
+        return (h.new_zeros(0, dtype=torch.float32),) * 3
+    return torch.cat(exact), torch.cat(lp_y), torch.cat(lq_y)
 
 
-def rollout_stats(batch: RolloutBatch, max_new_tokens: int) -> dict:
-    """Reward, advantage, length and group statistics of one step's rollouts (before the update)."""
-    r, a, G = batch.rewards, batch.advantages, batch.group_size
+def rollout_stats(rewards, advantages, lengths, finished, reward_parts: dict, group_size: int) -> dict:
+    """Reward, advantage, length and group statistics of one step's rollouts (before the update); the
+    arguments are a RolloutBatch's fields, of one rank or of all ranks gathered."""
+    r, a, G = rewards, advantages, group_size
     st = {
         "reward_mean": float(r.mean()), "reward_std": float(r.std()) if len(r) > 1 else 0.0,
         "zero_std_frac": float(zero_std_groups(r, G).float().mean()),
         "adv_mean": float(a.mean()), "adv_std": float(a.std()) if len(a) > 1 else 0.0,
         "adv_min": float(a.min()), "adv_max": float(a.max()),
-        "response_length_mean": float(batch.lengths.float().mean()),
-        "response_length_max": int(batch.lengths.max()),
-        "truncation_rate": float((~batch.finished).float().mean()),
+        "response_length_mean": float(lengths.float().mean()),
+        "response_length_max": int(lengths.max()),
+        "truncation_rate": float((~finished).float().mean()),
     }
-    for name, v in batch.reward_parts.items():
+    for name, v in reward_parts.items():
         st[f"reward/{name}"] = float(v.mean())
-    if "format" in batch.reward_parts:
-        st["format_rate"] = float(batch.reward_parts["format"].mean())
-    if "accuracy" in batch.reward_parts:
-        st["accuracy"] = float(batch.reward_parts["accuracy"].mean())
+    if "format" in reward_parts:
+        st["format_rate"] = float(reward_parts["format"].mean())
+    if "accuracy" in reward_parts:
+        st["accuracy"] = float(reward_parts["accuracy"].mean())
     return st
 
 
-def reduce_scalar(x: float, op: str = "sum") -> float:
-    """Sum (or max) of a number over ranks (identity in one process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([float(x)], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return float(t.item())
-    return float(x)
-
-
-def _global_sum(x: float) -> float:
-    """Loss denominators must count the whole batch on every rank."""
-    return reduce_scalar(x, "sum")
+# ---- how each logged value combines ----
+#   loss:       a share of the mini-batch loss: summed over micro-batches and ranks, averaged over optimizer steps
+#   global:     the same on every rank (computed over all of them): averaged over optimizer steps
+#   token_mean: a mean over completion tokens: weighted by each micro-batch's / rank's token count
+#   token_sum:  a sum over completion tokens, logged as the mean (NAME_sum -> NAME)
+#   count:      summed over ranks;   max / min: over micro-batches and ranks
+METRICS = {"loss": "loss", "pg_loss": "loss", "kl_loss": "loss", "entropy_loss": "loss",
+           "grad_norm": "global", "optimizer_steps": "global", "lr": "global",
+           "entropy_sum": "token_sum",
+           "update_tokens": "count", "prompts_drawn": "count", "groups_padded": "count",
+           "ratio_max": "max", "refill_rounds": "max", "response_length_max": "max", "ratio_min": "min"}
 
 
-@dataclass
-class LossConfig:
-    """The knobs of one update, as plain values (a view of the run config's grpo section)."""
-
-    temperature: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
-    ratio_level: str = "token"
-    agg: str = "token-mean"
-    norm_length: float | None = None
-    kl_coef: float = 0.0
-    kl_kind: str = "k3"
-    kl_in_loss: bool = True
-    entropy_coef: float = 0.0
+def combine_kind(key: str) -> str:
+    """How the logged value `key` combines (METRICS; anything else is a token-weighted mean)."""
+    return METRICS.get(key, "token_mean")
 
 
-def micro_loss(model, b: RolloutBatch, lc: LossConfig, n_tokens: float, n_seqs: float, loss_scale: float = 1.0,
-               diag=None):
-    """Forward one micro-batch, return (loss to backprop, detached terms and stats).
+def combine(values: list[float], weights: list[float], kind: str) -> float:
+    """Values of one metric from several ranks (with their token counts) -> one number, per `kind`."""
+    if kind in ("loss", "count"):
+        return sum(values)
+    if kind == "global":
+        return values[0]
+    if kind == "max":
+        return max(values)
+    if kind == "min":
+        return min(values)
+    return sum(v * w for v, w in zip(values, weights)) / sum(weights)
 
-    loss = policy_loss + β·KL(agg) − entropy_coef·H(agg), every term aggregated with the mini-batch's global
-    counts, so summing micro-batch losses gives the mini-batch loss exactly. `loss_scale` multiplies the
-    backpropagated value (e.g. the world size when the data-parallel wrapper averages gradients over ranks).
-    diag: a psyche.diagnostics.StepDiagnostics that sees the per-token values (no extra forward).
-    """
+
+# ---- the update ----
+
+def micro_loss(model, b: RolloutBatch, lc: LossConfig, n_tokens: float, n_seqs: float, diag=None):
+    """Forward one micro-batch -> (loss to backprop, {logged value: 0-d tensor}, the log-probs, detached).
+
+    The loss is `psyche.grpo_loss.objective` with the mini-batch's global counts, so summing micro-batch
+    losses gives the mini-batch loss exactly. The logged values are the terms (pg_loss, kl_loss with a
+    reference, entropy_loss, loss), the policy-loss statistics, n_tokens and entropy_sum, all still tensors.
+    diag: a psyche.diagnostics.StepDiagnostics that sees the per-token values (no extra forward)."""
     lp, ent = sequence_logprobs(model, b, lc.temperature)
     if diag is not None:
         diag.observe(lp, ent, b, n_tokens, n_seqs)
-    old = b.old_logp if b.old_logp is not None else lp.detach()
-    agg = dict(norm_length=lc.norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
-    pg, st = policy_loss(lp, old, b.advantages, b.mask, clip_low=lc.clip_low, clip_high=lc.clip_high,
-                         dual_clip=lc.dual_clip, ratio_level=lc.ratio_level, agg=lc.agg, **agg)
-    loss = pg
-    terms = {"pg_loss": float(pg.detach())}
-    if b.ref_logp is not None:
-        kl = aggregate(kl_estimate(lp, b.ref_logp, lc.kl_kind), b.mask, lc.agg, **agg)
-        terms["kl_loss"] = float(kl.detach())
-        if lc.kl_coef and lc.kl_in_loss:
-            loss = loss + lc.kl_coef * kl
-    h = aggregate(ent, b.mask, lc.agg, **agg)
-    terms["entropy_loss"] = float(h.detach())
-    if lc.entropy_coef:
-        loss = loss - lc.entropy_coef * h
-    terms["loss"] = float(loss.detach())
-    st["n_tokens"] = int(b.mask.sum())
-    st["entropy_sum"] = float((ent.detach() * b.mask).sum())
-    return loss * loss_scale, terms, st, lp.detach()
+    terms, stats = objective(lp, ent, b, lc, n_tokens, n_seqs)
+    logged = {("loss" if k == "loss" else f"{k}_loss"): v.detach().double() for k, v in terms.items()}
+    logged.update(stats)
+    logged["n_tokens"] = b.mask.sum()
+    logged["entropy_sum"] = (ent.detach() * b.mask).sum().double()
+    return terms["loss"], logged, lp.detach()
 
 
 def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, *, mini_batch_rows: int, micro_batch: int,
-                  epochs: int = 1, grad_clip: float = 1.0, loss_scale: float = 1.0, clip_fn=None,
-                  on_first_forward=None, diag=None) -> dict:
+                  epochs: int = 1, grad_clip: float = 1.0, clip_fn=None, on_first_forward=None, diag=None,
+                  amp=None) -> dict:
     """μ = `epochs` passes over the rollout; each pass splits it into mini-batches (one optimizer step each),
-    each mini-batch into micro-batches (gradient accumulation). Returns averaged stats.
+    each mini-batch into micro-batches (gradient accumulation). Returns this rank's metrics of the step,
+    combined over micro-batches as METRICS says (one host sync at the end, none per micro-batch).
 
     clip_fn(parameters, max_norm) -> total norm: the clipping function (FSDP2-aware from psyche.dist).
-    on_first_forward(rows, logp): called with the trainer's log-probs of each row the first time it is seen
-    (epoch 0, before any update of this step when `old_logp` was recomputed), for the sampler-gap metric.
+    on_first_forward(rows, sub_batch, logp): called with the trainer's log-probs of each micro-batch the first
+    time it is seen (epoch 0; for the sampler-gap metric when no old log-probs were recomputed).
     diag: a psyche.diagnostics.StepDiagnostics (counterfactual losses, entropy buckets, gradient split); its
     metrics join the returned ones. It leaves the update itself unchanged.
+    amp: the context the forwards run in (psyche.run.Run.amp: autocast for a bf16 compute dtype); backward
+    runs outside it.
     """
     clip_fn = clip_fn or torch.nn.utils.clip_grad_norm_
+    amp = amp if amp is not None else contextlib.nullcontext()
     N = batch.input_ids.shape[0]
-    acc: dict[str, float] = {}
+    acc: dict[str, torch.Tensor] = {}
     n_updates = 0
-    weights = 0
+    weights = 0  # completion tokens seen (a tensor after the first micro-batch)
     for epoch in range(epochs):
         for start in range(0, N, mini_batch_rows):
             rows = list(range(start, min(start + mini_batch_rows, N)))
-            n_tok = _global_sum(batch.mask[rows].sum())
-            n_seq = _global_sum(len(rows))
+            n_tok = dist.sum_over_ranks(batch.mask[rows].sum())
+            n_seq = dist.sum_over_ranks(len(rows))
             optimizer.zero_grad(set_to_none=True)
             for s in range(0, len(rows), micro_batch):
                 mrows = rows[s:s + micro_batch]
                 b = batch.rows(mrows)
-                loss, terms, st, lp = micro_loss(model, b, lc, n_tok, n_seq, loss_scale, diag)
+                with amp:
+                    loss, logged, lp = micro_loss(model, b, lc, n_tok, n_seq, diag)
                 loss.backward()
                 if epoch == 0 and on_first_forward is not None:
                     on_first_forward(mrows, b, lp)
-                for k, v in terms.items():  # terms are already fractions of the mini-batch loss: sum them
-                    acc[k] = acc.get(k, 0.0) + v
-                w = st.pop("n_tokens")
-                for k, v in st.items():
-                    if k == "entropy_sum":
-                        acc[k] = acc.get(k, 0.0) + v
-                    elif k in ("ratio_max",):
-                        acc[k] = max(acc.get(k, -math.inf), v)
-                    elif k in ("ratio_min",):
-                        acc[k] = min(acc.get(k, math.inf), v)
+                w = logged.pop("n_tokens")
+                for k, v in logged.items():
+                    kind = combine_kind(k)
+                    if k not in acc:
+                        acc[k] = v if kind in ("loss", "token_sum", "max", "min") else v * w
+                    elif kind == "max":
+                        acc[k] = torch.maximum(acc[k], v)
+                    elif kind == "min":
+                        acc[k] = torch.minimum(acc[k], v)
                     else:
-                        acc[k] = acc.get(k, 0.0) + v * w
-                weights += w
+                        acc[k] = acc[k] + (v if kind in ("loss", "token_sum") else v * w)
+                weights = weights + w
             if diag is not None and diag.grad_split:  # extra passes; the accumulated .grad is put back
-                diag.split(model, batch, rows, micro_batch=micro_batch, n_tokens=n_tok, n_seqs=n_seq,
-                           loss_scale=loss_scale)
+                diag.split(model, batch, rows, micro_batch=micro_batch, n_tokens=n_tok, n_seqs=n_seq, amp=amp)
             gn = clip_fn(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-            acc["grad_norm"] = acc.get("grad_norm", 0.0) + float(gn)
+            acc["grad_norm"] = acc.get("grad_norm", 0.0) + gn.detach().double()
             optimizer.step()
             n_updates += 1
+    values = dict(zip(acc, torch.stack([v.double().to(weights.device) for v in acc.values()]).tolist())) if acc else {}
+    n_tokens = int(weights)
     out = {}
-    for k, v in acc.items():
-        if k in ("loss", "pg_loss", "kl_loss", "entropy_loss", "grad_norm"):
+    for k, v in values.items():
+        kind = combine_kind(k)
+        if kind in ("loss", "global"):
             out[k] = v / n_updates
-        elif k == "entropy_sum":
-            out["entropy"] = v / max(weights, 1)
-        elif k in ("ratio_max", "ratio_min"):
+        elif kind == "token_sum":
+            out[k.removesuffix("_sum")] = v / max(n_tokens, 1)
+        elif kind in ("max", "min"):
             out[k] = v
         else:
-            out[k] = v / max(weights, 1)
+            out[k] = v / max(n_tokens, 1)
     out["optimizer_steps"] = n_updates
-    out["update_tokens"] = weights
+    out["update_tokens"] = n_tokens
     if diag is not None:
         out.update(diag.result(n_updates))
     return out

@@ -1,12 +1,17 @@
-"""GRPO's math as plain tensor functions: advantages, KL estimators, the clipped policy loss, aggregation.
+"""GRPO's math as plain tensor functions: advantages, KL estimators, the clipped policy loss, aggregation,
+and `objective`, the one place where they are put together into the loss that trains.
 
 Nothing here knows about models or sampling, so each function can be checked by hand and compared with
-other implementations. Notation (GUIDE §4): G completions per prompt, reward r_i, per-token log-probs lp
-(current policy), lp_old (the policy that sampled), lp_ref (reference); ratio ρ = exp(lp − lp_old);
-mask m over completion tokens; A_i a completion's advantage, broadcast over its tokens.
+other implementations. Notation: G completions per prompt, reward r_i, per-token log-probs lp (current
+policy), lp_old (the policy that sampled), lp_ref (reference); ratio ρ = exp(lp − lp_old); mask m over
+completion tokens; A_i a completion's advantage, broadcast over its tokens. Statistics are returned as
+0-d tensors, never Python floats, so the math forces no host-device sync; the caller converts them when
+it logs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -109,8 +114,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
     dual clip (c = dual_clip > 1): for A_i < 0, ℓ ← min(ℓ, −c·A_i)              (bounds the loss of
                                                                                  huge ratios on bad samples)
     loss = aggregate(ℓ, mask, agg, ...)  — see `aggregate`.
-    stats: clip_frac_low (ρ < 1 − clip_low with A < 0: the clip removed the gradient), clip_frac_high
-    (ρ > 1 + clip_high with A > 0), dual_clip_frac, ratio_mean / ratio_max / ratio_min over masked tokens.
+    stats (0-d float64 tensors): clip_frac_low (ρ < 1 − clip_low with A < 0: the clip removed the gradient),
+    clip_frac_high (ρ > 1 + clip_high with A > 0), dual_clip_frac, ratio_mean / ratio_max / ratio_min over
+    masked tokens (1 when the mask is empty).
     """
     if ratio_level not in ("token", "sequence"):
         raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
@@ -135,15 +141,16 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
     loss = aggregate(loss_tok, mask, agg, norm_length=norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
     with torch.no_grad():
         mb = mask.bool()
-        cnt = max(int(mb.sum()), 1)
-        r = ratio.detach()[mb]
+        n = mb.sum().clamp(min=1).double()  # (stays a tensor: no sync)
+        r = ratio.detach().double()
+        some = mb.any()
         stats = {
-            "clip_frac_low": float(((ratio < 1 - clip_low) & (A < 0) & mb).sum()) / cnt,
-            "clip_frac_high": float(((ratio > 1 + clip_high) & (A > 0) & mb).sum()) / cnt,
-            "dual_clip_frac": float((dual & mb).sum()) / cnt,
-            "ratio_mean": float(r.mean()) if r.numel() else 1.0,
-            "ratio_max": float(r.max()) if r.numel() else 1.0,
-            "ratio_min": float(r.min()) if r.numel() else 1.0,
+            "clip_frac_low": ((ratio < 1 - clip_low) & (A < 0) & mb).sum().double() / n,
+            "clip_frac_high": ((ratio > 1 + clip_high) & (A > 0) & mb).sum().double() / n,
+            "dual_clip_frac": (dual & mb).sum().double() / n,
+            "ratio_mean": torch.where(some, (r * mb).sum() / n, 1.0),
+            "ratio_max": torch.where(some, r.masked_fill(~mb, -torch.inf).max(), 1.0),
+            "ratio_min": torch.where(some, r.masked_fill(~mb, torch.inf).min(), 1.0),
         }
     return loss, stats
 
@@ -153,3 +160,55 @@ def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float 
     lp = torch.log_softmax(logits.float() / temperature, -1)
     lq = torch.log_softmax(ref_logits.float() / temperature, -1)
     return (lp.exp() * (lp - lq)).sum(-1)
+
+
+# ---- the objective ----
+
+@dataclass
+class LossConfig:
+    """The knobs of one update, as plain values (a view of the run config's grpo section)."""
+
+    temperature: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    ratio_level: str = "token"
+    agg: str = "token-mean"
+    norm_length: float | None = None
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    kl_in_loss: bool = True
+    entropy_coef: float = 0.0
+
+
+def objective(lp, ent, b, lc: LossConfig, n_tokens, n_seqs, *, agg: str | None = None, mask=None):
+    """The GRPO loss of one micro-batch `b` (a psyche.grpo.RolloutBatch) from its per-token log-probs lp and
+    entropies ent (B, T) under the current policy -> (terms, stats):
+
+        pg   = policy_loss(lp, lp_old, A, mask)          (lp_old = lp.detach() when the batch has none: on-policy)
+        kl   = agg(k(lp, lp_ref))                        (only when the batch has reference log-probs)
+        H    = agg(entropy)
+        loss = pg + β·kl·[kl_in_loss] − c_H·H
+
+    terms: {"pg", "kl" (with a reference), "entropy", "loss"}, 0-d tensors with their graph; stats: the
+    policy loss's statistics. Every term is aggregated with the global counts n_tokens / n_seqs (all
+    micro-batches, all ranks), so the micro-batch losses sum to the mini-batch loss exactly, and a mask that
+    keeps some rows splits the loss (and its gradient) by rows. Training calls this with the config's `agg`;
+    the diagnostics call it with every other `agg` and with sub-masks for their counterfactuals."""
+    mask = b.mask if mask is None else mask
+    agg = agg or lc.agg
+    kw = dict(norm_length=lc.norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
+    old = b.old_logp if b.old_logp is not None else lp.detach()
+    pg, stats = policy_loss(lp, old, b.advantages, mask, clip_low=lc.clip_low, clip_high=lc.clip_high,
+                            dual_clip=lc.dual_clip, ratio_level=lc.ratio_level, agg=agg, **kw)
+    terms = {"pg": pg}
+    loss = pg
+    if b.ref_logp is not None:
+        terms["kl"] = aggregate(kl_estimate(lp, b.ref_logp, lc.kl_kind), mask, agg, **kw)
+        if lc.kl_coef and lc.kl_in_loss:
+            loss = loss + lc.kl_coef * terms["kl"]
+    terms["entropy"] = aggregate(ent, mask, agg, **kw)
+    if lc.entropy_coef:
+        loss = loss - lc.entropy_coef * terms["entropy"]
+    terms["loss"] = loss
+    return terms, stats

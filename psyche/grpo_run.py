@@ -8,7 +8,6 @@ Every quantity of `psyche.grpo.rollout_stats`, the update stats and the timings 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -18,14 +17,13 @@ from pathlib import Path
 import torch
 
 from psyche import dist
-from psyche.checkpoint import fault, latest_checkpoint, load_checkpoint, save_checkpoint, export_hf
-from psyche.config import ConfigError, ModelConfig, RunConfig, config_diff, load_run_config, to_toml
+from psyche.checkpoint import latest_checkpoint
+from psyche.config import RunConfig
 from psyche.data import DataError, format_mc_prompt, read_records
 from psyche.diagnostics import StepDiagnostics, kl_check, record_pass_rates, replay_due, save_logged, save_step_dump
-from psyche.grpo import (LossConfig, RolloutBatch, apply_truncation_mask, batched_logprobs, build_batch,
-                         compute_advantages, exact_kl_tokens, reduce_scalar, kl_estimate, logprob_gap, rollout_stats, sequence_logprobs,
+from psyche.grpo import (LossConfig, RolloutBatch, apply_truncation_mask, batched_logprobs, build_batch, combine,
+                         combine_kind, compute_advantages, completion_kl, kl_estimate, logprob_gap, rollout_stats,
                          shape_rewards, update_policy, zero_std_groups)
-from psyche.metrics import MetricsLogger, step_line
 from psyche.rewards import RewardError, RewardSet
 from psyche.sampler import generate, row_seeds, splitmix64
 
@@ -99,27 +97,27 @@ class PromptStream:
 
 # ---- one step ----
 
-def sample_groups(policy, prompts, idx, gc, tok, reward_set, seeds):
+def sample_groups(policy, prompts, idx, gc, tok, reward_set, seeds) -> RolloutBatch:
     """Rollouts for prompts `idx` (row seeds `seeds`, len(idx) * group_size) with their rewards."""
     ids = [prompts[i]["ids"] for i in idx]
     with torch.no_grad(), dist.unsharded(policy):
         r = generate(policy, ids, n=gc.group_size, max_new_tokens=gc.max_new_tokens, temperature=gc.temperature,
                      top_p=gc.top_p, top_k=gc.top_k, stop_token_ids=tok.stop_ids, seeds=seeds, pad_id=tok.pad_id)
     b = build_batch(ids, r, tok.pad_id)
+    src = [idx[int(p)] for p in r.prompt_index]  # each row's prompt
     b.texts = r.texts(tok, skip_special_tokens=True)
-    b.prompts = [prompts[idx[int(p)]]["text"] for p in r.prompt_index]
-    b.items = [prompts[idx[int(p)]]["item"] for p in r.prompt_index]
+    b.prompts = [prompts[i]["text"] for i in src]
+    b.items = [prompts[i]["item"] for i in src]
+    b.prompt_ids = src
     totals, parts = [], {name: [] for name in reward_set.weights}
-    wheres = [f"the prompt at {prompts[idx[int(p)]]['where']}, sample {k % gc.group_size + 1} of {gc.group_size}"
-              for k, p in enumerate(r.prompt_index)]
-    for prompt, text, item, where in zip(b.prompts, b.texts, b.items, wheres):
-        total, part = reward_set(prompt, text, item, where)  # a raising or non-finite reward stops the run
+    for k, (i, text) in enumerate(zip(src, b.texts)):
+        where = f"the prompt at {prompts[i]['where']}, sample {k % gc.group_size + 1} of {gc.group_size}"
+        total, part = reward_set(b.prompts[k], text, b.items[k], where)  # a raising or non-finite reward stops
         totals.append(total)
-        for k, v in part.items():
-            parts[k].append(v)
+        for name, v in part.items():
+            parts[name].append(v)
     b.rewards = torch.tensor(totals, dtype=torch.float32, device=b.input_ids.device)
     b.reward_parts = {k: torch.tensor(v, dtype=torch.float32) for k, v in parts.items()}
-    b.prompt_ids = list(idx)
     return b
 
 
@@ -130,27 +128,20 @@ def concat(batches: list[RolloutBatch]) -> RolloutBatch:
     def pad(x, v):
         return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)
 
-    out = RolloutBatch(torch.cat([pad(b.input_ids, 0) for b in batches]), torch.cat([pad(b.targets, -1) for b in batches]),
-                       torch.cat([pad(b.mask, False) for b in batches]),
-                       torch.cat([pad(b.sampler_logp, 0.0) for b in batches]),
-                       torch.cat([b.lengths for b in batches]), torch.cat([b.finished for b in batches]),
-                       batches[0].group_size, torch.cat([b.rewards for b in batches]))
-    out.reward_parts = {k: torch.cat([b.reward_parts[k] for b in batches]) for k in batches[0].reward_parts}
-    for name in ("texts", "prompts", "items", "prompt_ids"):
-        setattr(out, name, [x for b in batches for x in getattr(b, name)])
-    return out
+    cat = lambda name, v: torch.cat([pad(getattr(b, name), v) for b in batches])  # noqa: E731
+    lists = lambda name: [x for b in batches for x in getattr(b, name)]  # noqa: E731
+    return RolloutBatch(cat("input_ids", 0), cat("targets", -1), cat("mask", False), cat("sampler_logp", 0.0),
+                        torch.cat([b.lengths for b in batches]), torch.cat([b.finished for b in batches]),
+                        batches[0].group_size, torch.cat([b.rewards for b in batches]),
+                        reward_parts={k: torch.cat([b.reward_parts[k] for b in batches]) for k in batches[0].reward_parts},
+                        texts=lists("texts"), prompts=lists("prompts"), items=lists("items"),
+                        prompt_ids=lists("prompt_ids"))
 
 
 def select_groups(b: RolloutBatch, groups: list[int]) -> RolloutBatch:
+    """The rows of groups `groups`, in that order."""
     G = b.group_size
-    rows = [g * G + j for g in groups for j in range(G)]
-    out = b.rows(rows)
-    out.rewards = b.rewards[rows]
-    out.reward_parts = {k: v[rows] for k, v in b.reward_parts.items()}
-    for name in ("texts", "prompts", "items"):
-        setattr(out, name, [getattr(b, name)[r] for r in rows])
-    out.prompt_ids = [b.prompt_ids[g] for g in groups]
-    return out
+    return b.rows([g * G + j for g in groups for j in range(G)])
 
 
 def local_share(global_idx: list, rank: int, world: int, chunk: int) -> list[int]:
@@ -183,8 +174,8 @@ def gather_rollouts(policy, prompts, stream, gc, tok, reward_set, *, seed, step,
     spare = [select_groups(b, [g for g, z in enumerate(zs) if z])]
     rounds = 0
     while rounds < gc.max_refill:
-        need = max(0, n_local - sum(len(x.prompt_ids) for x in kept))
-        width = int(reduce_scalar(need, "max"))  # every rank takes part in every round
+        need = max(0, n_local - sum(x.n_groups for x in kept))
+        width = int(dist.max_over_ranks(need))  # every rank takes part in every round
         if width == 0:
             break
         rounds += 1
@@ -199,53 +190,42 @@ def gather_rollouts(policy, prompts, stream, gc, tok, reward_set, *, seed, step,
         kept.append(select_groups(nb, [g for g, v in enumerate(z) if not v]))
         spare.append(select_groups(nb, [g for g, v in enumerate(z) if v]))
         info["prompts_drawn"] += need
-    n_kept = sum(len(x.prompt_ids) for x in kept)
-    b = concat([x for x in kept + spare if len(x.prompt_ids)])
+    n_kept = sum(x.n_groups for x in kept)
+    b = concat([x for x in kept + spare if x.n_groups])
     b = select_groups(b, list(range(n_local)))
     info.update(refill_rounds=rounds, groups_padded=max(0, n_local - n_kept))
     return b, info
 
 
+# Three primes combine (run seed, step, refill round) into one integer, which splitmix64 scrambles into the base
+# of the rows' seeds. Within one run two (step, round) pairs meet only if their steps differ by a multiple of
+# 15,485,863, so no two rollouts of a run share seeds; neighbouring bases give unrelated row seeds.
+SEED_MULT, STEP_MULT, ROUND_MULT = 1_000_003, 7919, 15_485_863
+
+
 def rank_row_seeds(seed: int, step: int, round_: int, n_rows: int) -> torch.Tensor:
     """Sampling seeds of the global batch's rows for (step, refill round): each rank samples its rows with
     their global seeds, so the rollouts of R ranks together equal those of one process."""
-    base = int(splitmix64(torch.tensor([seed * 1_000_003 + step * 7919 + round_ * 15_485_863]))[0])
+    base = int(splitmix64(torch.tensor([seed * SEED_MULT + step * STEP_MULT + round_ * ROUND_MULT]))[0])
     return row_seeds(base, n_rows)
 
 
-SUMMED = ("loss", "pg_loss", "kl_loss", "entropy_loss", "prompts_drawn", "groups_padded", "update_tokens")
-SAME = ("grad_norm", "optimizer_steps", "lr")  # already global: identical on every rank
-
-
-def combine_ranks(b: RolloutBatch, local: dict, max_new_tokens: int) -> dict | None:
-    """Metrics of the whole step on rank 0 (None elsewhere): rollout statistics over every rank's rollouts;
-    loss terms summed (each rank holds its share of the global loss); maxima/minima over ranks; the rest
-    averaged with each rank's completion-token count as weight."""
+def combine_ranks(b: RolloutBatch, local: dict) -> dict | None:
+    """Metrics of the whole step on rank 0 (None elsewhere): rollout statistics over every rank's rollouts,
+    and each rank's other metrics combined as psyche.grpo.METRICS says (weight: the rank's completion tokens)."""
     mine = {"rewards": b.rewards, "advantages": b.advantages, "lengths": b.lengths, "finished": b.finished,
             "parts": b.reward_parts, "tokens": int(b.mask.sum()), "local": local}
     everyone = dist.gather_object(mine)
     if everyone is None:
         return None
     cat = lambda k: torch.cat([e[k].cpu() for e in everyone])  # noqa: E731
-    view = RolloutBatch(b.input_ids[:0], b.targets[:0], b.mask[:0], b.sampler_logp[:0], cat("lengths"),
-                        cat("finished"), b.group_size, cat("rewards"), cat("advantages"))
-    view.reward_parts = {k: torch.cat([e["parts"][k] for e in everyone]) for k in b.reward_parts}
-    out = rollout_stats(view, max_new_tokens)
+    out = rollout_stats(cat("rewards"), cat("advantages"), cat("lengths"), cat("finished"),
+                        {k: torch.cat([e["parts"][k] for e in everyone]) for k in b.reward_parts}, b.group_size)
     w = [max(e["tokens"], 1) for e in everyone]
     for k in local:
         vals = [e["local"].get(k) for e in everyone]
-        if any(v is None for v in vals):
-            continue
-        if k in SUMMED:
-            out[k] = sum(vals)
-        elif k in SAME:
-            out[k] = vals[0]
-        elif k in ("ratio_max", "refill_rounds", "response_length_max"):
-            out[k] = max(vals)
-        elif k == "ratio_min":
-            out[k] = min(vals)
-        else:
-            out[k] = sum(v * wi for v, wi in zip(vals, w)) / sum(w)
+        if all(v is not None for v in vals):
+            out[k] = combine(vals, w, combine_kind(k))
     return out
 
 
@@ -259,165 +239,162 @@ def dump_rollouts(path: Path, step: int, b: RolloutBatch):
                                 "item": b.items[i]}, ensure_ascii=False) + "\n")
 
 
+# ---- the step's other log-probs ----
+
+@torch.no_grad()
+def score_rollouts(policy, ref, b: RolloutBatch, gc, *, n_updates: int, device) -> tuple[dict, float]:
+    """Fill in the log-probs the loss compares against, and measure them -> (metrics, time of the reference).
+
+    reference: `ref`'s log-probs of the completions (when there is a reference; parked on the CPU between
+      steps with ref_offload).
+    old (the policy that sampled), by `grpo.old_logprobs`:
+      recompute: the policy's own forward before any update, but only when this step makes several updates;
+                 with one update the policy is still the sampling policy, so `objective` uses lp.detach()
+                 and no forward is spent (the sampler gap is then measured on the update's first forward);
+      sampler:   the sampler's log-probs as they came (no forward; carries the sampler-trainer gap).
+    Measured: logprob_gap (sampler vs trainer), kl (policy vs reference, estimator kl_kind), and kl_exact or
+    the estimator check (diagnostics). With kl_mode = reward the KL penalty is taken from the rewards here."""
+    metrics = {}
+    t0 = time.time()
+    if ref is not None:
+        if gc.ref_offload:
+            ref.to(device)
+        b.ref_logp = batched_logprobs(ref, b, gc.micro_batch, gc.temperature)
+    t_ref = time.time() - t0
+    if gc.old_logprobs == "sampler":
+        b.old_logp = b.sampler_logp
+    if gc.old_logprobs == "recompute" and n_updates > 1:
+        with dist.unsharded(policy):
+            b.old_logp = batched_logprobs(policy, b, gc.micro_batch, gc.temperature)
+    recomputed = b.old_logp if gc.old_logprobs == "recompute" else None
+    if recomputed is not None:
+        metrics.update(logprob_gap(b.sampler_logp, recomputed, b.mask))
+    if ref is None:
+        return metrics, t_ref
+    if gc.diagnostics:  # the exact KL and the k1/k2/k3 estimates of the same tokens
+        with dist.unsharded(policy):
+            metrics.update(kl_check(policy, ref, b, gc.temperature))
+    elif gc.exact_kl:
+        with dist.unsharded(policy):
+            n = min(len(b.lengths), gc.exact_kl_rows or len(b.lengths))
+            ex = completion_kl(policy, ref, b.rows(range(n)), gc.temperature)[0]
+        metrics["kl_exact"] = float(ex.mean()) if ex.numel() else 0.0
+    if recomputed is not None:
+        metrics["kl"] = float(kl_estimate(recomputed[b.mask], b.ref_logp[b.mask], gc.kl_kind).mean())
+    if gc.kl_mode == "reward" and gc.kl_coef:
+        lp_now = recomputed if recomputed is not None else b.sampler_logp
+        b.rewards = b.rewards - gc.kl_coef * (kl_estimate(lp_now, b.ref_logp, gc.kl_kind) * b.mask).sum(1)
+    if gc.ref_offload:
+        ref.to("cpu")
+    return metrics, t_ref
+
+
+class FirstForward:
+    """On-policy steps (no old log-probs): the update's first forward of each micro-batch is the trainer's
+    view of the sampling policy, so the sampler gap and the KL to the reference are measured on it, free."""
+
+    def __init__(self, kl_kind: str):
+        self.kl_kind, self.gap, self.kl = kl_kind, [], []
+
+    def __call__(self, rows, sub: RolloutBatch, lp):
+        self.gap.append((sub.sampler_logp[sub.mask], lp[sub.mask]))
+        if sub.ref_logp is not None:
+            self.kl.append(kl_estimate(lp[sub.mask], sub.ref_logp[sub.mask], self.kl_kind))
+
+    def metrics(self) -> dict:
+        out = {}
+        if self.gap:
+            sl, tl = torch.cat([g[0] for g in self.gap]), torch.cat([g[1] for g in self.gap])
+            out.update(logprob_gap(sl, tl, torch.ones_like(sl, dtype=torch.bool)))
+        if self.kl:
+            out["kl"] = float(torch.cat(self.kl).mean())
+        return out
+
+
 # ---- the loop ----
 
 def run_grpo(cfg: RunConfig) -> Path:
     """Train per `cfg.grpo`; returns the run directory."""
-    from tqdm import tqdm
-
-    from psyche.sft import build_model_for_training, build_optimizer, build_scheduler, prepare_init, resolve_dtype
+    from psyche.run import Run, begin
+    from psyche.sft import prepare_init
     from psyche.tokenizer import Tokenizer
     from psyche.validate import check_grpo
     from psyche.weights import load_pretrained
 
-    check_grpo(cfg)  # the whole config, before anything is written or computed
+    rank, world, device = begin(cfg, check_grpo)
     gc = cfg.grpo
-    rank, world, device = dist.init_distributed()
-    run_dir = Path(cfg.run.out)
-    torch.manual_seed(cfg.run.seed)
-    dist.print0(f"# resolved config ({world} rank{'s' if world > 1 else ''}, {device})\n{to_toml(cfg)}")
     mini = gc.mini_batch or gc.prompts_per_step
     reward_set = RewardSet(dict(zip(gc.rewards, gc.reward_weights)))
 
-    # ---- model, reference, data ----
-    init_dir = prepare_init(gc.init or cfg.model.init, run_dir, cfg.run.seed)
+    # ---- data, policy, reference ----
+    init_dir = prepare_init(gc.init or cfg.model.init, Path(cfg.run.out), cfg.run.seed)
     tok = Tokenizer.from_dir(init_dir)
-    model_cfg = ModelConfig.from_dir(init_dir)
     prompts, too_long = load_prompts(gc.paths, tok, gc.prompt_style, gc.max_prompt_length)
-    compute_dtype = resolve_dtype(cfg.model.dtype, device)
-    policy = build_model_for_training(init_dir, device, compute_dtype=compute_dtype, compile=cfg.model.compile,
-                                      activation_checkpointing=cfg.model.activation_checkpointing)
-    need_ref = gc.kl_coef > 0 or gc.exact_kl
+    total = gc.steps if gc.steps > 0 else math.ceil(gc.epochs * max(1, len(prompts) // gc.prompts_per_step))
+    run = Run(cfg, init_dir, device, gc.optim, total)
+    policy = run.model
     ref = None
-    if need_ref:  # a full frozen copy on every rank (in the compute dtype), optionally parked on the CPU
-        ref, _ = load_pretrained(init_dir, dtype=compute_dtype, device="cpu" if gc.ref_offload else device)
+    if gc.kl_coef > 0 or gc.exact_kl:  # a full frozen copy on every rank (compute dtype), optionally on the CPU
+        ref, _ = load_pretrained(init_dir, dtype=run.compute_dtype, device="cpu" if gc.ref_offload else device)
         ref.requires_grad_(False).eval()
-    optimizer = build_optimizer(policy, gc.optim)
-    steps_per_epoch = max(1, len(prompts) // gc.prompts_per_step)
-    total = gc.steps if gc.steps > 0 else math.ceil(gc.epochs * steps_per_epoch)
-    scheduler, warmup = build_scheduler(optimizer, gc.optim, total)
     lc = LossConfig(temperature=gc.temperature, clip_low=gc.clip_low, clip_high=gc.clip_high,
                     dual_clip=gc.dual_clip or None, ratio_level=gc.ratio_level, agg=gc.loss_agg,
                     norm_length=gc.norm_length or gc.max_new_tokens, kl_coef=gc.kl_coef, kl_kind=gc.kl_kind,
                     kl_in_loss=gc.kl_mode == "loss", entropy_coef=gc.entropy_coef)
+    n_updates = gc.prompts_per_step // mini * gc.ppo_epochs
     dist.print0(f"grpo: {len(prompts)} prompts ({too_long} dropped as longer than {gc.max_prompt_length} tokens); "
                 f"{gc.prompts_per_step} prompts x {gc.group_size} samples per step, {gc.prompts_per_step // mini} "
-                f"updates per pass, {gc.ppo_epochs} pass(es); {total} steps; policy {model_cfg.num_params():,} "
-                f"parameters from {init_dir}; reference {'on CPU' if gc.ref_offload else 'on ' + str(device)}"
-                f"{'' if need_ref else ' (none: kl_coef = 0 and exact_kl off)'}")
+                f"updates per pass, {gc.ppo_epochs} pass(es); {total} steps; policy {run.model_cfg.num_params():,} "
+                f"parameters from {init_dir}, {run.precision}; reference "
+                f"{'on CPU' if gc.ref_offload else 'on ' + str(device)}"
+                f"{'' if ref is not None else ' (none: kl_coef = 0 and exact_kl off)'}")
+    state = run.resume({"reference": ref} if ref is not None else None)
+    if state:
+        dist.print0(f"resumed from {run.resumed} at step {run.start}")
+    stream = PromptStream(len(prompts), cfg.run.seed, state["prompt_position"] if state else 0)
+    run.open()
+    upd_kw = dict(mini_batch_rows=(mini // world) * gc.group_size, micro_batch=gc.micro_batch,
+                  epochs=gc.ppo_epochs, grad_clip=gc.optim.grad_clip)
 
-    # ---- resume ----
-    start, elapsed0, pos = 0, 0.0, 0
-    ckpt = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
-    if ckpt is not None:
-        extra = {"reference": ref} if ref is not None else None
-        state = load_checkpoint(ckpt, model=policy, optimizer=optimizer, scheduler=scheduler, extra_models=extra)
-        start, elapsed0, pos = state["step"], state["elapsed"], state["prompt_position"]
-        dist.print0(f"resumed from {ckpt} at step {start}")
-    if dist.is_main():  # inputs read, model built, checkpoint loaded: only now is the run dir written
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved = run_dir / "config.toml"
-        try:
-            diff = config_diff(load_run_config(saved), cfg) if saved.is_file() else []
-        except ConfigError as e:
-            diff = [f"(previous config unreadable: {e})"]
-        if diff:
-            print("config differs from the run directory's previous config.toml:\n  " + "\n  ".join(diff))
-        saved.write_text(to_toml(cfg))
-    stream = PromptStream(len(prompts), cfg.run.seed, pos)
-    logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, enabled=dist.is_main(),
-                           resume_step=start if ckpt is not None else 0)
-    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-               disable=not (dist.is_main() and cfg.log.progress))
-    write = bar.write if not bar.disable else dist.print0
-    t_start = time.time() - elapsed0
-    for s in range(start, total):
-        step = s + 1
-        fault("step_start", step)
+    for step in run.steps():
         t0 = time.time()
-        try:
-            b, sampling = gather_rollouts(policy, prompts, stream, gc, tok, reward_set, seed=cfg.run.seed, step=step,
-                                          rank=rank, world=world, mini=mini)
+        try:  # rollouts and rewards
+            with run.amp:
+                b, sampling = gather_rollouts(policy, prompts, stream, gc, tok, reward_set, seed=cfg.run.seed,
+                                              step=step, rank=rank, world=world, mini=mini)
         except RewardError as e:
             raise RewardError(f"step {step}: {e}; stopped before the update. Last good checkpoint: "
-                              f"{latest_checkpoint(run_dir) or 'none'} (untouched)") from e
+                              f"{latest_checkpoint(run.dir) or 'none'} (untouched)") from e
         t_roll = time.time()
-        raw = b.rewards
-        b.rewards = shape_rewards(raw, b, truncation=gc.truncation, max_new_tokens=gc.max_new_tokens,
+        b.rewards = shape_rewards(b.rewards, b, truncation=gc.truncation, max_new_tokens=gc.max_new_tokens,
                                   overlong_buffer=gc.overlong_buffer, overlong_penalty=gc.overlong_penalty)
-        metrics = {}
-        with torch.no_grad():
-            if ref is not None:
-                if gc.ref_offload:
-                    ref.to(device)
-                b.ref_logp = batched_logprobs(ref, b, gc.micro_batch, gc.temperature)
-            t_ref = time.time()
-            n_updates = gc.prompts_per_step // mini * gc.ppo_epochs
-            if gc.old_logprobs == "sampler":
-                b.old_logp = b.sampler_logp
-            if gc.old_logprobs == "recompute" and n_updates > 1:
-                with dist.unsharded(policy):
-                    b.old_logp = batched_logprobs(policy, b, gc.micro_batch, gc.temperature)
-            if b.old_logp is not None and gc.old_logprobs == "recompute":
-                metrics.update(logprob_gap(b.sampler_logp, b.old_logp, b.mask))
-            if ref is not None:
-                lp_pol = b.old_logp if b.old_logp is not None and gc.old_logprobs == "recompute" else None
-                if gc.diagnostics:  # the exact KL and the k1/k2/k3 estimates of the same tokens
-                    with dist.unsharded(policy):
-                        metrics.update(kl_check(policy, ref, b, gc.temperature))
-                elif gc.exact_kl:
-                    with dist.unsharded(policy):
-                        rows = list(range(min(len(b.lengths), gc.exact_kl_rows or len(b.lengths))))
-                        ex = exact_kl_tokens(policy, ref, b.rows(rows), gc.temperature)
-                    metrics["kl_exact"] = float(ex.mean()) if ex.numel() else 0.0
-                if lp_pol is not None:
-                    metrics["kl"] = float(kl_estimate(lp_pol[b.mask], b.ref_logp[b.mask], gc.kl_kind).mean())
-                if gc.kl_mode == "reward" and gc.kl_coef:
-                    lp_now = lp_pol if lp_pol is not None else b.sampler_logp
-                    kl_tok = kl_estimate(lp_now, b.ref_logp, gc.kl_kind) * b.mask
-                    b.rewards = b.rewards - gc.kl_coef * kl_tok.sum(1)
-                if gc.ref_offload:
-                    ref.to("cpu")
-            t_old = time.time()
+        with run.amp:  # reference and old log-probs
+            metrics, t_ref = score_rollouts(policy, ref, b, gc, n_updates=n_updates, device=device)
+        t_old = time.time()
         b.advantages = compute_advantages(b.rewards, gc.group_size, estimator=gc.advantage, std_ddof=gc.std_ddof,
                                           eps=gc.adv_eps)
         metrics.update(sampling)
         if gc.truncation == "mask":
             apply_truncation_mask(b)
-        first_pass = {}
-
-        def on_first(rows, sub, lp):
-            # the trainer's log-probs before this step's first update (on-policy case) -> sampler gap, KL
-            if b.old_logp is None:
-                first_pass.setdefault("gap", []).append((sub.sampler_logp, lp, sub.mask))
-                if sub.ref_logp is not None:
-                    first_pass.setdefault("kl", []).append(kl_estimate(lp[sub.mask], sub.ref_logp[sub.mask],
-                                                                       gc.kl_kind))
-
-        upd_kw = dict(mini_batch_rows=(mini // world) * gc.group_size, micro_batch=gc.micro_batch,
-                      epochs=gc.ppo_epochs, grad_clip=gc.optim.grad_clip)
-        dumped = (save_step_dump(run_dir, step, b, cfg=cfg, lc=lc, update_kw=upd_kw, model=policy, optimizer=optimizer,
-                                 scheduler=scheduler) if replay_due(gc, step) else None)
+        first = FirstForward(gc.kl_kind) if b.old_logp is None else None
+        dumped = (save_step_dump(run.dir, step, b, cfg=cfg, lc=lc, update_kw=upd_kw, model=policy,
+                                 optimizer=run.optimizer, scheduler=run.scheduler) if replay_due(gc, step) else None)
         diag = StepDiagnostics(lc, grad_split=gc.grad_split) if gc.diagnostics or gc.grad_split else None
-        upd = update_policy(policy, optimizer, b, lc, **upd_kw, clip_fn=dist.clip_grad_norm_, on_first_forward=on_first,
-                            diag=diag)
-        if "gap" in first_pass:
-            sl = torch.cat([x[0][x[2]] for x in first_pass["gap"]])
-            tl = torch.cat([x[1][x[2]] for x in first_pass["gap"]])
-            metrics.update(logprob_gap(sl, tl, torch.ones_like(sl, dtype=torch.bool)))
-        if "kl" in first_pass:
-            metrics["kl"] = float(torch.cat(first_pass["kl"]).mean())
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+        upd = update_policy(policy, run.optimizer, b, lc, **upd_kw, clip_fn=dist.clip_grad_norm_,
+                            on_first_forward=first, diag=diag, amp=run.amp)
+        if first is not None:
+            metrics.update(first.metrics())
+        lr = run.optimizer.param_groups[0]["lr"]
+        run.scheduler.step()
         t_end = time.time()
         if not math.isfinite(upd["loss"]) or not math.isfinite(upd["grad_norm"]):
-            raise FloatingPointError(f"step {step}: non-finite loss {upd['loss']} / grad norm {upd['grad_norm']}; "
-                                     f"last good checkpoint: {latest_checkpoint(run_dir) or 'none'} (untouched)")
+            run.stop(step, f"loss {upd['loss']} / grad norm {upd['grad_norm']}", "before the checkpoint")
         metrics.update(upd)
-        metrics.update(lr=lr, time_rollout=t_roll - t0, time_reference=t_ref - t_roll,
-                       time_old_logprob=t_old - t_ref, time_update=t_end - t_old)
-        metrics = combine_ranks(b, metrics, gc.max_new_tokens)
-        if gc.ref_reset_every and ref is not None and step % gc.ref_reset_every == 0:
+        metrics.update(lr=lr, time_rollout=t_roll - t0, time_reference=t_ref,
+                       time_old_logprob=t_old - t_roll - t_ref, time_update=t_end - t_old)
+        metrics = combine_ranks(b, metrics)
+        reset = bool(gc.ref_reset_every and ref is not None and step % gc.ref_reset_every == 0)
+        if reset:
             with torch.no_grad(), dist.unsharded(policy):  # full parameters on every rank for the copy
                 current = dict(policy.named_parameters())
                 for name, p in ref.named_parameters():
@@ -426,31 +403,17 @@ def run_grpo(cfg: RunConfig) -> Path:
             n_tok = metrics["update_tokens"] // max(gc.ppo_epochs, 1)
             metrics.update(tokens=n_tok, tok_per_s=n_tok / max(t_end - t0, 1e-9),
                            ref_reset=int(bool(gc.ref_reset_every and step % gc.ref_reset_every == 0)))
-        logger.log(step, metrics)
         if gc.diagnostics:
-            record_pass_rates(run_dir, step, b)
+            record_pass_rates(run.dir, step, b)
         if dumped is not None:
             save_logged(dumped, metrics)
         if dist.is_main() and gc.dump_every and (step % gc.dump_every == 0 or step == 1):
-            dump_rollouts(run_dir / "rollouts.jsonl", step, b)
-        bar.update(1)
-        if metrics is not None:
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", refresh=False)
-        if metrics is not None and (step % cfg.log.every == 0 or step == total):
-            write(step_line(metrics, step=step, total=total, elapsed=time.time() - t_start,
-                            keys=("loss", "reward_mean", "accuracy", "zero_std_frac", "kl", "entropy",
-                                  "response_length_mean", "clip_frac_high", "grad_norm", "logprob_gap",
-                                  "time_rollout", "time_update")))
-        if step == total or (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0):
-            save_checkpoint(run_dir, step, model=policy, optimizer=optimizer, scheduler=scheduler,
-                            extra_models={"reference": ref} if ref is not None else None,
-                            keep_last=cfg.checkpoint.keep_last, tokenizer=tok,
-                            state={"step": step, "prompt_position": stream.pos, "elapsed": time.time() - t_start})
-        fault("step_end", step)
-    bar.close()
-    logger.close()
-    if cfg.checkpoint.export:
-        export_hf(policy, run_dir / "hf", tok, dtype=model_cfg.dtype)
-        dist.print0(f"exported {run_dir / 'hf'}")
-    dist.cleanup()
-    return run_dir
+            dump_rollouts(run.dir / "rollouts.jsonl", step, b)
+        run.log(step, metrics, ("loss", "reward_mean", "accuracy", "zero_std_frac", "kl", "entropy",
+                                "response_length_mean", "clip_frac_high", "grad_norm", "logprob_gap",
+                                "time_rollout", "time_update"),
+                reward=f"{metrics['reward_mean']:.3f}" if metrics else "")
+        if run.checkpoint_due(step):
+            run.checkpoint(step, tok, {"prompt_position": stream.pos})
+    run.finish(tok)
+    return run.dir

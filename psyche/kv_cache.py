@@ -74,10 +74,6 @@ class KVCache:
         self._max = int(self.lengths.max()) if self.batch else 0
         self._min = int(self.lengths.min()) if self.batch else 0
 
-    def reset(self):
-        self.lengths.zero_()
-        self._max = self._min = 0
-
     def fork_from(self, src: "KVCache", n: int):
         """Fill this cache (B = src.B * n rows) with each of src's rows repeated n times, consecutively:
         one prompt's prefill becomes its n group rows without recomputing it."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import kernels
 from psyche.config import ModelConfig
@@ -155,7 +154,6 @@ def build_attention(T: int, device, attention_mask=None, doc_ids=None, kv_cache=
     if doc_ids is not None:
         mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])  # stay inside one packed sample
     mask = mask | torch.eye(T, dtype=torch.bool, device=device)[None]  # (B, T, T)
-    cu = None
     if doc_ids is not None and attention_mask is None:
         cu, max_len = kernels.cu_seqlens_from_doc_ids(doc_ids)
         return AttnInfo(mask=mask[:, None], cu_seqlens=cu, max_seqlen=max_len)

@@ -1,4 +1,4 @@
-"""Prompts of the Psyche-R1 recipe, in one place (the seed's run.py wording)."""
+"""Prompts of the Psyche-R1 recipe, in one place (the wording of Psyche-R1's released scripts)."""
 
 PSYCHE_SYSTEM = (
     "你是一名心理学专家。请回答以下心理学案例题目，请逐步思考，仔细分析给定的心理学案例，首先给出你的推理过程，"

@@ -18,7 +18,7 @@ and wrong in 70% (the teachers' slip, invisible to the answer filter there), so 
 reading about a third of the time and answers greedily with the wrong one; on the challenge items the answer key
 rewards exactly the right reading, which GRPO makes the greedy one, while more SFT fits the teachers' mixture.
 
-Deviations from the seed, on purpose: the teachers and selectors are simulated (psyche/task.py says how) rather
+Deviations from Psyche-R1, on purpose: the teachers and selectors are simulated (psyche/task.py says how) rather
 than LLMs; the base model is a ~1M-parameter model pretrained here (psyche/assets/base) rather than
 Qwen2.5-7B-Instruct. Each stage writes into RUN_DIR/<stage>/ and is skipped when its output exists, so a rerun
 resumes.

@@ -46,8 +46,13 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return z ^ _lsr(z, 31)
 
 
+_FNV_PRIME = 0x100000001B3  # the 64-bit FNV prime: odd, so seed -> seed * p (mod 2^64) is a bijection
+
+
 def row_seeds(seed: int, n_rows: int, device="cpu") -> torch.Tensor:
-    return splitmix64(torch.arange(n_rows, dtype=torch.long, device=device) + _i64(seed * 0x100000001B3))
+    """Seeds of rows 0..n_rows-1 of a call seeded `seed`: hash(seed · p + row). Consecutive seeds start their
+    rows p apart, so the rows of two seeds of one run never share a counter (for fewer than p rows)."""
+    return splitmix64(torch.arange(n_rows, dtype=torch.long, device=device) + _i64(seed * _FNV_PRIME))
 
 
 def uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
@@ -194,20 +199,27 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[list[int]], *, batch_size: int = 64, max_new_tokens: int = 256,
-                   temperature: float = 0.0, seed: int = 0, top_p: float = 1.0, top_k: int = 0) -> list[str]:
+                   temperature: float = 0.0, seed: int = 0, top_p: float = 1.0, top_k: int = 0, seeds=None,
+                   log=None) -> list[str]:
     """One decoded reply per prompt (special tokens dropped), in prompt order: prompts go in batches of similar
-    length, row i sampled with seed row_seeds(seed, len(prompts))[i] whatever batch it lands in."""
-    seeds = row_seeds(seed, len(prompts))
+    length, row i sampled with seed `seeds[i]` (default row_seeds(seed, len(prompts))[i]) whatever batch it
+    lands in, so the replies do not depend on the batch size. log(line): told about each batch.
+    The one "prompts -> seeded rows -> generate -> texts" helper (evaluation, the demo, the task's grading);
+    GRPO calls `generate` itself because it keeps the Rollout's log-probs, and chat and serve stream tokens."""
+    seeds = row_seeds(seed, len(prompts)) if seeds is None else seeds
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = [""] * len(prompts)
     was_training = model.training
     model.eval()
-    for s in range(0, len(order), batch_size):
+    n_batches = -(-len(order) // batch_size)
+    for b, s in enumerate(range(0, len(order), batch_size)):
         idx = order[s:s + batch_size]
         r = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
                      top_p=top_p, top_k=top_k, stop_token_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
                      seeds=seeds[idx])
         for j, i in enumerate(idx):
             out[i] = tokenizer.decode(r.tokens[j, : r.lengths[j]].tolist(), skip_special_tokens=True)
+        if log is not None:
+            log(f"batch {b + 1}/{n_batches}: {len(idx)} prompts of up to {len(prompts[idx[-1]])} tokens")
     model.train(was_training)
     return out

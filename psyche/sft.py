@@ -15,7 +15,8 @@ optimizer step, so no checkpoint ever holds the poisoned weights. Resume is auto
 checkpoint in the run directory; batches are a pure function of (data, seed, step), so the resumed run
 continues bit for bit (CPU, fp32).
 
-The functions under "building blocks" are shared with the GRPO stage.
+The functions under "building blocks" are shared with the GRPO stage; what both stages do around their
+loop (config, precision, resume, logging, checkpoints, export) is psyche/run.py.
 """
 
 from __future__ import annotations
@@ -28,27 +29,15 @@ import torch
 import torch.nn as nn
 
 from psyche import dist
-from psyche.checkpoint import (export_hf, fault, latest_checkpoint, load_checkpoint, load_full_model_state,
-                               read_safetensors_dir, save_checkpoint)
-from psyche.config import ConfigError, ModelConfig, RunConfig, config_diff, load_run_config, to_toml
+from psyche.checkpoint import load_full_model_state, read_safetensors_dir
+from psyche.config import ModelConfig, RunConfig
 from psyche.data import Batch, SFTBatches, load_messages, tokenize
-from psyche.metrics import MetricsLogger, step_line
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
+from psyche.run import NonFiniteLossError, Run, begin, resolve_dtype  # noqa: F401 (re-exported)
 
 
 # ============================================================================================================
 # building blocks (shared with GRPO)
 # ============================================================================================================
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Compute dtype from the config: auto -> bfloat16 on CUDA, float32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
 
 def prepare_init(init: str, run_dir: Path, seed: int, texts=None) -> Path:
     """The HF checkpoint directory to start from. "preset:NAME" makes RUN_DIR/init once (rank 0; a random
@@ -175,24 +164,17 @@ def run_sft(cfg: RunConfig, on_step=None) -> Path:
 
     on_step: optional callback(step, model) after each optimizer step, on every rank (e.g. a held-out
     evaluation for a learning curve; greedy generation draws no random numbers, so the run is unchanged)."""
-    from tqdm import tqdm
-
     from psyche.tokenizer import Tokenizer
     from psyche.validate import check_sft
 
-    check_sft(cfg)  # the whole config, before anything is written or computed
-    rank, world, device = dist.init_distributed()
-    run_dir = Path(cfg.run.out)
-    torch.manual_seed(cfg.run.seed)
+    rank, world, device = begin(cfg, check_sft)
     sc = cfg.sft
-    dist.print0(f"# resolved config ({world} rank{'s' if world > 1 else ''}, {device})\n{to_toml(cfg)}")
 
-    # ---- data and model (a bad input fails here, before the run directory's files are touched) ----
+    # ---- data (a bad input fails here, before the run directory's files are touched) ----
     messages = load_messages(cfg.data.paths, cfg.data.format)
     texts = [m["content"] for msgs, _ in messages for m in msgs]
-    init_dir = prepare_init(cfg.model.init, run_dir, cfg.run.seed, texts)
+    init_dir = prepare_init(cfg.model.init, Path(cfg.run.out), cfg.run.seed, texts)
     tok = Tokenizer.from_dir(init_dir)
-    model_cfg = ModelConfig.from_dir(init_dir)
     samples = tokenize(messages, tok, cfg.data.max_length, cfg.data.truncation, cfg.data.system)
     dist.print0(f"data: {samples.summary()}")
     global_batch = sc.global_batch_tokens // cfg.data.max_length if sc.global_batch_tokens > 0 else sc.global_batch
@@ -200,88 +182,44 @@ def run_sft(cfg: RunConfig, on_step=None) -> Path:
                          packing=cfg.data.packing, max_length=cfg.data.max_length, pad_id=tok.pad_id,
                          seed=cfg.run.seed)
     total = sc.max_steps if sc.max_steps > 0 else math.ceil(sc.epochs * batches.steps_per_epoch)
-    compute_dtype = resolve_dtype(cfg.model.dtype, device)
-    model = build_model_for_training(init_dir, device, compute_dtype=compute_dtype, compile=cfg.model.compile,
-                                     activation_checkpointing=cfg.model.activation_checkpointing)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler, warmup = build_scheduler(optimizer, cfg.optim, total)
-    amp = dist.autocast(model, device, compute_dtype)
-    dist.print0(f"model: {model_cfg.num_params():,} parameters from {init_dir}; compute {compute_dtype}, "
-                f"{'FSDP2 over ' + str(world) + ' ranks' if dist.is_sharded(model) else 'unsharded'}\n"
+    run = Run(cfg, init_dir, device, cfg.optim, total)
+    dist.print0(f"model: {run.model_cfg.num_params():,} parameters from {init_dir}; {run.precision}\n"
                 f"batch: {global_batch} {'packed rows' if cfg.data.packing else 'samples'} per step = "
                 f"{sc.micro_batch} per micro-batch x {batches.accum} accumulation x {world} ranks; "
-                f"{batches.steps_per_epoch} steps per epoch, {total} steps, {warmup} warm-up")
+                f"{batches.steps_per_epoch} steps per epoch, {total} steps, {run.warmup} warm-up")
 
-    # ---- resume ----
-    start, tokens_seen, elapsed0 = 0, 0, 0.0
     fingerprint = samples.fingerprint()
-    ckpt = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-        start, tokens_seen, elapsed0 = state["step"], state["tokens"], state["elapsed"]
-        dist.print0(f"resumed from {ckpt} at step {start} (epoch {state['data']['epoch']}, "
+    state = run.resume()
+    tokens_seen = state["tokens"] if state else 0
+    if state:
+        dist.print0(f"resumed from {run.resumed} at step {run.start} (epoch {state['data']['epoch']}, "
                     f"batch {state['data']['batch']})")
         if state.get("data_fingerprint") != fingerprint:
             dist.print0("warning: the tokenised data differs from the checkpoint's; the data position is reused")
+    run.open()
 
-    # ---- config (written once the inputs are read, the model built and any checkpoint loaded) ----
-    saved_cfg = run_dir / "config.toml"
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if saved_cfg.is_file():
-            try:
-                diff = config_diff(load_run_config(saved_cfg, cls=type(cfg)), cfg)
-            except ConfigError as e:
-                diff = [f"(previous config unreadable: {e})"]
-            if diff:
-                print("config differs from the run directory's previous config.toml:\n  " + "\n  ".join(diff))
-        saved_cfg.write_text(to_toml(cfg))
-    logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard, enabled=dist.is_main(),
-                           resume_step=start if ckpt is not None else 0)
-
-    # ---- train ----
-    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-               disable=not (dist.is_main() and cfg.log.progress))
-    write = bar.write if not bar.disable else dist.print0
-    t_start = time.time() - elapsed0
-    for s in range(start, total):
-        step = s + 1  # optimizer steps done after this one; checkpoints and logs count from 1
-        fault("step_start", step)
+    for step in run.steps():  # step = optimizer steps done after this one
         t0 = time.time()
-        lr = optimizer.param_groups[0]["lr"]
+        lr = run.optimizer.param_groups[0]["lr"]
         try:
-            m = train_step(model, optimizer, batches.micro_batches(s, rank), device=device,
-                           grad_clip=cfg.optim.grad_clip, amp=amp)
+            m = train_step(run.model, run.optimizer, batches.micro_batches(step - 1, rank), device=device,
+                           grad_clip=cfg.optim.grad_clip, amp=run.amp)
         except NonFiniteLossError as e:
-            last = latest_checkpoint(run_dir)
-            raise NonFiniteLossError(f"step {step}: non-finite {e}; stopped before the optimizer step. Last good "
-                                     f"checkpoint: {last or 'none'} (untouched)") from None
-        scheduler.step()
+            run.stop(step, str(e), "before the optimizer step")
+        run.scheduler.step()
         dt = time.time() - t0
         tokens_seen += m["n_tokens"]
         row = {"loss": m["loss"], "lr": lr, "grad_norm": m["grad_norm"], "tokens": tokens_seen,
-               "targets": m["targets"], "tok_per_s": m["n_tokens"] / dt, "epoch": s / batches.steps_per_epoch,
+               "targets": m["targets"], "tok_per_s": m["n_tokens"] / dt, "epoch": (step - 1) / batches.steps_per_epoch,
                "dt": dt}
         if device.type == "cuda":
             row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        logger.log(step, row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{row['tok_per_s']:.0f}", refresh=False)
-        if step % cfg.log.every == 0 or step == total:
-            write(step_line(row, step=step, total=total, elapsed=time.time() - t_start,
-                            keys=("loss", "lr", "grad_norm", "tok_per_s")))
-        if step == total or (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0):
-            save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                            keep_last=cfg.checkpoint.keep_last, tokenizer=tok,
-                            state={"step": step, "data": batches.position(step), "tokens": tokens_seen,
-                                   "elapsed": time.time() - t_start, "data_fingerprint": fingerprint})
+        run.log(step, row, ("loss", "lr", "grad_norm", "tok_per_s"),
+                loss=f"{m['loss']:.3f}", tok_s=f"{row['tok_per_s']:.0f}")
+        if run.checkpoint_due(step):
+            run.checkpoint(step, tok, {"data": batches.position(step), "tokens": tokens_seen,
+                                       "data_fingerprint": fingerprint})
         if on_step is not None:
-            on_step(step, model)
-        fault("step_end", step)
-    bar.close()
-    logger.close()
-    if cfg.checkpoint.export:
-        out = export_hf(model, run_dir / "hf", tok, dtype=model_cfg.dtype)
-        dist.print0(f"exported {out}")
-    dist.cleanup()
-    return run_dir
+            on_step(step, run.model)
+    run.finish(tok)
+    return run.dir

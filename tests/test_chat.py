@@ -1,6 +1,5 @@
 """`psyche chat` driven through piped stdin."""
 
-import torch
 from click.testing import CliRunner
 
 from psyche.chat import chat

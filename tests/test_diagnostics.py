@@ -11,7 +11,7 @@ import torch
 from helpers import tiny_config
 from psyche.diagnostics import (StepDiagnostics, completion_positions, kl_check, part_gradients, pass_counts,
                                 position_buckets, read_pass_rates, record_pass_rates, split_parts)
-from psyche.grpo import (AGGS, LossConfig, build_batch, exact_kl_tokens, kl_estimate, micro_loss, policy_loss,
+from psyche.grpo import (AGGS, LossConfig, build_batch, completion_kl, kl_estimate, micro_loss, policy_loss,
                          sequence_logprobs, update_policy)
 from psyche.model import build_model
 from psyche.sampler import generate
@@ -129,7 +129,7 @@ def test_split_parts_follow_the_config():
 def test_kl_check_against_estimators_and_exact_kl(model, batch):
     ref = build_model(tiny_config(vocab=40), seed=7)
     st = kl_check(model, ref, batch, 1.3, chunk=7)  # chunked over positions
-    exact = exact_kl_tokens(model, ref, batch, 1.3)
+    exact = completion_kl(model, ref, batch, 1.3)[0]
     assert st["kl_exact"] == pytest.approx(float(exact.mean()), rel=1e-5)
     with torch.no_grad():
         lp = sequence_logprobs(model, batch, 1.3)[0]
@@ -179,7 +179,7 @@ def test_pass_rates_file(tmp_path, batch):
     b = copy.copy(batch)
     b.reward_parts = {"accuracy": torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0])}
     b.items = [{"id": "a"}] * 4 + [{"id": "b"}] * 4 + [{}] * 4
-    b.prompt_ids = [10, 11, 12]
+    b.prompt_ids = [10] * 4 + [11] * 4 + [12] * 4  # per row
     assert pass_counts(b) == {"a": [2, 4], "b": [4, 4], "#12": [0, 4]}
     record_pass_rates(tmp_path, 1, b)
     record_pass_rates(tmp_path, 2, b)

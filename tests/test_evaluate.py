@@ -224,7 +224,7 @@ def test_all_gold_gives_100_and_partial_runs_have_no_avg(tmp_path):
 
 
 def test_seed_arithmetic_and_table():
-    """The seed's Qwen2.5-7B-Instruct row: six strict scores average to 57.91, the bracketed value to 64.59."""
+    """Psyche-R1's Qwen2.5-7B-Instruct row: six strict scores average to 57.91, the bracketed value to 64.59."""
     smcq, strict, elastic = [47.57, 87.83, 78.46], [31.64, 59.50, 42.45], [47.49, 71.02, 55.17]
     avg, avg_el = seed_averages(smcq, strict, elastic)
     assert round(avg, 2) == 57.91 and round(avg_el, 2) == 64.59
@@ -233,7 +233,7 @@ def test_seed_arithmetic_and_table():
     for cat, s, m, e in zip(("case", "moral", "theory"), smcq, strict, elastic):
         rep.update({f"{cat}_smcq": s, f"{cat}_mmcq_strict": m, f"{cat}_mmcq_elastic": e})
     md = report_markdown({"Qwen2.5-7B-Instruct": rep, "other": rep}).splitlines()
-    assert md[0].count("|") == 16  # model + the seed's 14 columns
+    assert md[0].count("|") == 16  # model + Psyche-R1's 14 columns
     assert md[2] == ("| Qwen2.5-7B-Instruct | 47.57 | 31.64 | 47.49 | 87.83 | 59.50 | 71.02 | 78.46 | 42.45 | "
                      "55.17 | 57.91 | (64.59) | 20.94 | 11.28 | 1.28 |")
     assert md[3].startswith("| other |")

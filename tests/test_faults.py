@@ -2,7 +2,6 @@
 during a checkpoint write, and a reward function that returns NaN or raises. Each through the real CLI."""
 
 import errno
-import json
 import os
 import signal
 import subprocess

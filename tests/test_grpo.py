@@ -1,4 +1,4 @@
-"""GRPO step mechanics: alignment, masks, invariance, the traps of GUIDE §5, and a learning test."""
+"""GRPO step mechanics: alignment, masks, invariance, the classic GRPO bugs each test names, and a learning test."""
 
 import copy
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from helpers import tiny_config
-from psyche.grpo import (LossConfig, RolloutBatch, apply_truncation_mask, build_batch, compute_advantages,
-                         exact_kl_tokens, micro_loss, sequence_logprobs, shape_rewards, update_policy)
+from psyche.grpo import (LossConfig, apply_truncation_mask, build_batch, compute_advantages,
+                         completion_kl, micro_loss, sequence_logprobs, shape_rewards, update_policy)
 from psyche.model import build_model
 from psyche.sampler import generate
 
@@ -28,13 +28,14 @@ def rollout_batch(model, temperature=1.0, n=4, seed=0, pad_id=0, max_new=12):
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 0.6])
 def test_recomputed_logprobs_match_sampler_at_same_temperature(model, temperature):
-    """Trap 8 (logit/target alignment) and trap 4 (temperature used identically)."""
+    """Logit t scores token t + 1 (an off-by-one here trains on the wrong tokens), and the trainer's
+    temperature is the sampler's (else the ratio compares two different distributions)."""
     r, b = rollout_batch(model, temperature)
     with torch.no_grad():
         lp, _ = sequence_logprobs(model, b, temperature)
     assert int(b.mask.sum()) == int(r.lengths.sum())
     torch.testing.assert_close(lp[b.mask], b.sampler_logp[b.mask], atol=1e-4, rtol=0)
-    if temperature != 1.0:  # the same check at the wrong temperature fails: the test can see trap 4
+    if temperature != 1.0:  # the same check at the wrong temperature fails: the test can see a temperature mismatch
         with torch.no_grad():
             lp1, _ = sequence_logprobs(model, b, 1.0)
         assert (lp1[b.mask] - b.sampler_logp[b.mask]).abs().max() > 1e-2
@@ -51,7 +52,7 @@ def test_sequences_hold_prompt_then_completion(model):
 
 
 def test_stop_token_keeps_its_gradient_when_pad_equals_stop(model):
-    """Trap 5: with pad == EOS, `token != pad` would drop the EOS from the mask."""
+    """With pad == EOS (as in Qwen), `token != pad` would drop the EOS from the mask."""
     r, b = rollout_batch(model, temperature=1.5, pad_id=STOP, max_new=20, n=8)
     assert r.finished.any()
     for i in torch.nonzero(r.finished).flatten().tolist():
@@ -67,7 +68,7 @@ def test_stop_token_keeps_its_gradient_when_pad_equals_stop(model):
 
 
 def test_zero_std_groups_give_zero_policy_gradient(model):
-    """Trap 6: a group whose rewards are all equal has A = 0 and contributes exactly nothing."""
+    """A group whose rewards are all equal has A = 0 and contributes exactly nothing."""
     r, b = rollout_batch(model, n=4)
     b.rewards = torch.tensor([1.0] * 4 + [0, 1, 0, 1] + [0.0] * 4)
     b.advantages = compute_advantages(b.rewards, 4)
@@ -92,7 +93,7 @@ def _grads_after(model, b, micro, lc, **kw):
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_gradient_invariant_to_micro_batches(model, agg):
-    """Trap 1: normalising by the mini-batch's global counts makes 1 or 4 micro-batches identical."""
+    """Normalising by the mini-batch's global counts makes 1 or 4 micro-batches identical."""
     r, b = rollout_batch(model, n=4)
     b.rewards = torch.rand(12, generator=torch.Generator().manual_seed(0))
     b.advantages = compute_advantages(b.rewards, 4)
@@ -106,18 +107,18 @@ def test_gradient_invariant_to_micro_batches(model, agg):
 
 
 def test_kl_step_lowers_exact_kl(model):
-    """Trap 3: a gradient step on the KL term alone must move the policy towards the reference."""
+    """A gradient step on the KL term alone must move the policy towards the reference."""
     ref = build_model(tiny_config(vocab=40), seed=4).eval()
     policy = copy.deepcopy(model)
     r, b = rollout_batch(policy, n=4)
     b.advantages = torch.zeros(12)  # no policy-gradient signal at all
     with torch.no_grad():
         b.ref_logp = sequence_logprobs(ref, b, 1.0)[0]
-    before = exact_kl_tokens(policy, ref, b, 1.0).mean()
+    before = completion_kl(policy, ref, b, 1.0)[0].mean()
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
     for kind in ("k3",):
         update_policy(policy, opt, b, LossConfig(kl_coef=1.0, kl_kind=kind), mini_batch_rows=12, micro_batch=12)
-    after = exact_kl_tokens(policy, ref, b, 1.0).mean()
+    after = completion_kl(policy, ref, b, 1.0)[0].mean()
     assert after < before, (before, after)
 
 

@@ -151,3 +151,50 @@ def test_two_ranks_equal_one_rank(tmp_path):
         assert a["reward_mean"] == b["reward_mean"] and a["response_length_mean"] == b["response_length_mean"]
         for k in ("loss", "grad_norm", "kl"):
             assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
+
+
+def test_bf16_compute_runs_grpo_under_the_same_autocast_as_sft(tmp_path, monkeypatch):
+    """model.dtype = bfloat16 on one unsharded process: every forward of SFT's step and of GRPO's rollouts,
+    reference / old log-probs and update runs under bf16 autocast (the shared run skeleton's `amp`), while the
+    master weights and the optimizer state stay fp32."""
+    import torch
+
+    from psyche.config import load_run_config
+    from psyche.grpo_run import run_grpo
+    from psyche.model import Qwen2
+    from psyche.sft import run_sft
+
+    seen = []
+
+    def spy(module, args):
+        if isinstance(module, Qwen2):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                         module.model.embed_tokens.weight.dtype, torch.is_grad_enabled()))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(spy)
+    try:
+        sets = ["model.dtype=bfloat16", "log.progress=false", "checkpoint.export=false"]
+        sft = load_run_config(ROOT / "configs" / "tiny-sft.toml",
+                              sets + [f"run.out={tmp_path / 'sft'}", "sft.max_steps=2",
+                                      f"data.paths=['{ROOT / 'configs/data/tiny-sft.jsonl'}']"])
+        run_sft(sft)
+        n_sft = len(seen)
+        grpo = load_run_config(TINY, sets + [f"run.out={tmp_path / 'grpo'}", "grpo.steps=2",
+                                             f"grpo.paths=['{ROOT / 'configs/data/tiny-grpo.jsonl'}']"])
+        run_grpo(grpo)
+    finally:
+        handle.remove()
+    assert n_sft > 0 and len(seen) > n_sft
+    assert all(on and dt == torch.bfloat16 for on, dt, _, _ in seen), seen
+    policy = [s for s in seen[n_sft:] if s[2] == torch.float32]  # (the reference is held in bf16)
+    assert any(grad for *_, grad in policy) and any(not grad for *_, grad in policy)  # update and rollouts
+    for run in ("sft", "grpo"):
+        ckpt = latest_checkpoint(tmp_path / run)
+        from safetensors.torch import load_file
+
+        assert all(v.dtype == torch.float32 for v in load_file(str(ckpt / "model.safetensors")).values())
+        optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        moments = [t for st in optim["state"].values() for t in st.values() if torch.is_tensor(t) and t.dim()]
+        assert moments and all(t.dtype == torch.float32 for t in moments)
+    rows = read_metrics(tmp_path / "grpo")
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)  # finite, not NaN

@@ -127,6 +127,10 @@ def test_64_streaming_clients_16_disconnect_halfway(tiny_ckpt, monkeypatch):
             resp = conn.getresponse()
             try:
                 results[i] = (resp.status, *read_events(resp))
+            except ConnectionResetError:  # a leaver reading its own shut-down socket: EOF or a reset, by timing
+                if i not in leavers:
+                    raise
+                results[i] = (resp.status, [], False)
             finally:
                 resp.close()
                 conn.close()

@@ -1,4 +1,4 @@
-"""Every prompt of the data pipeline, in Chinese (the language of the seed's data) and English.
+"""Every prompt of the data pipeline, in Chinese (the language of Psyche-R1's data) and English.
 
 Templates are filled with `fill(template, name=value)`, which replaces `{name}` and nothing else, so JSON
 examples and braces inside the filled text are safe. Each prompt states the output format its parser expects;

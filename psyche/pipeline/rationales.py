@@ -1,6 +1,6 @@
 """`psyche data rationales`: multiple-choice items -> items with a verified rationale, refined over T rounds.
 
-For each item (the seed's "rationale iteration"):
+For each item (Psyche-R1's "rationale iteration"):
 0. With the rationale prompt (prompts.py "rationale_prompt", as the system turn) the model writes
    `<think>rationale</think>answer`. `judge` keeps it only when the format holds and the answer after
    `</think>` (psyche.evaluate.extract_answer) is exactly the gold set of letters; otherwise the item is

@@ -1,0 +1,159 @@
+"""What every training stage does around its own loop, written once (SFT and GRPO both use it).
+
+    rank, world, device = begin(cfg, check_sft)          # validate the whole config, init ranks, seed, print it
+    init_dir = prepare_init(...)                         # (the stage reads its inputs here)
+    run = Run(cfg, init_dir, device, cfg.optim, total)   # model (fp32 master weights, parallelized), AdamW, LR
+    state = run.resume(...)                              # the latest checkpoint, when there is one
+    run.open()                                           # only now: the run directory, config.toml, metrics, bar
+    for step in run.steps():                             # the stage's loop: forwards under `run.amp`
+        ...; run.log(step, metrics, keys); run.checkpoint_due(step) and run.checkpoint(step, state)
+    run.finish(tok)                                      # export to Hugging Face format, tear down ranks
+
+Precision, in one place: the weights and the optimizer state stay fp32; with a bf16 compute dtype an
+unsharded model runs its forwards under `torch.autocast` (CPU or CUDA) and a sharded one through FSDP2's
+MixedPrecisionPolicy (psyche.dist). Nothing is written before the inputs are read, the model is built and any
+checkpoint is loaded, so a bad input leaves the run directory as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from psyche import dist
+from psyche.checkpoint import export_hf, fault, latest_checkpoint, load_checkpoint, save_checkpoint
+from psyche.config import ConfigError, ModelConfig, config_diff, load_run_config, to_toml
+from psyche.metrics import MetricsLogger, step_line
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def begin(cfg, check) -> tuple[int, int, torch.device]:
+    """Validate the whole config (`check`, from psyche.validate) before anything is computed or written, set
+    up the ranks and the seed, and print the resolved config. -> (rank, world size, device)."""
+    check(cfg)
+    rank, world, device = dist.init_distributed()
+    torch.manual_seed(cfg.run.seed)
+    dist.print0(f"# resolved config ({world} rank{'s' if world > 1 else ''}, {device})\n{to_toml(cfg)}")
+    return rank, world, device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Compute dtype from the config: auto -> bfloat16 on CUDA, float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class Run:
+    """One stage's model, optimizer, LR schedule, precision, logger, progress bar and checkpoints."""
+
+    def __init__(self, cfg, init_dir: Path, device: torch.device, optim_cfg, total: int):
+        from psyche.sft import build_model_for_training, build_optimizer, build_scheduler
+
+        self.cfg, self.init_dir, self.device, self.total = cfg, Path(init_dir), device, total
+        self.dir = Path(cfg.run.out)
+        self.model_cfg = ModelConfig.from_dir(init_dir)
+        self.compute_dtype = resolve_dtype(cfg.model.dtype, device)
+        self.model = build_model_for_training(init_dir, device, compute_dtype=self.compute_dtype,
+                                              compile=cfg.model.compile,
+                                              activation_checkpointing=cfg.model.activation_checkpointing)
+        self.optimizer = build_optimizer(self.model, optim_cfg)
+        self.scheduler, self.warmup = build_scheduler(self.optimizer, optim_cfg, total)
+        self.amp = dist.autocast(self.model, device, self.compute_dtype)
+        self.start, self.resumed, self.extra_models = 0, None, None
+        self.logger = self.bar = None
+        self.t_start = time.time()
+
+    @property
+    def precision(self) -> str:
+        how = f"FSDP2 over {dist.get_world_size()} ranks" if dist.is_sharded(self.model) else "unsharded"
+        amp = "" if self.compute_dtype == torch.float32 else f" ({'MixedPrecisionPolicy' if dist.is_sharded(self.model) else 'autocast'}, fp32 master weights)"
+        return f"compute {self.compute_dtype}{amp}, {how}"
+
+    def resume(self, extra_models: dict | None = None) -> dict | None:
+        """Load the latest checkpoint of the run directory (when `checkpoint.resume`) into the model, the
+        optimizer, the scheduler and `extra_models` (e.g. GRPO's reference); -> its saved state, or None."""
+        self.extra_models = extra_models
+        ckpt = latest_checkpoint(self.dir) if self.cfg.checkpoint.resume else None
+        if ckpt is None:
+            return None
+        state = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                extra_models=extra_models)
+        self.start, self.resumed = state["step"], ckpt
+        self.t_start = time.time() - state.get("elapsed", 0.0)
+        return state
+
+    def open(self):
+        """Write config.toml (saying how it differs from the one already there) and open the metrics logger
+        and the progress bar. Call once the inputs are read and any checkpoint is loaded."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if dist.is_main():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            saved = self.dir / "config.toml"
+            try:
+                diff = config_diff(load_run_config(saved, cls=type(cfg)), cfg) if saved.is_file() else []
+            except ConfigError as e:
+                diff = [f"(previous config unreadable: {e})"]
+            if diff:
+                print("config differs from the run directory's previous config.toml:\n  " + "\n  ".join(diff))
+            saved.write_text(to_toml(cfg))
+        self.logger = MetricsLogger(self.dir, tensorboard=cfg.log.tensorboard, enabled=dist.is_main(),
+                                    resume_step=self.start if self.resumed is not None else 0)
+        self.bar = tqdm(total=self.total, initial=self.start, unit="step", dynamic_ncols=True,
+                        disable=not (dist.is_main() and cfg.log.progress))
+
+    def write(self, line: str):
+        (self.bar.write if not self.bar.disable else dist.print0)(line)
+
+    def steps(self):
+        """Step numbers start + 1 .. total (counted from 1, as checkpoints and logs are), with the fault
+        injection points that the fault tests use."""
+        for step in range(self.start + 1, self.total + 1):
+            fault("step_start", step)
+            yield step
+            fault("step_end", step)
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.t_start
+
+    def log(self, step: int, metrics: dict | None, keys: tuple, **postfix):
+        """metrics.jsonl (rank 0; None on other ranks), the progress bar, and a line every `log.every` steps."""
+        self.logger.log(step, metrics)
+        self.bar.update(1)
+        if metrics is None:
+            return
+        if postfix:
+            self.bar.set_postfix(**postfix, refresh=False)
+        if step % self.cfg.log.every == 0 or step == self.total:
+            self.write(step_line(metrics, step=step, total=self.total, elapsed=self.elapsed, keys=keys))
+
+    def checkpoint_due(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every
+        return step == self.total or (every > 0 and step % every == 0)
+
+    def checkpoint(self, step: int, tokenizer, state: dict):
+        """An atomic checkpoint of the model, optimizer, scheduler, extra models and `state` (+ step, elapsed)."""
+        save_checkpoint(self.dir, step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                        extra_models=self.extra_models, keep_last=self.cfg.checkpoint.keep_last, tokenizer=tokenizer,
+                        state={"step": step, **state, "elapsed": self.elapsed})
+
+    def stop(self, step: int, what: str, before: str):
+        """Raise the error that ends a run on a non-finite value, naming the last good checkpoint."""
+        raise NonFiniteLossError(f"step {step}: non-finite {what}; stopped {before}. Last good checkpoint: "
+                                 f"{latest_checkpoint(self.dir) or 'none'} (untouched)")
+
+    def finish(self, tokenizer):
+        self.bar.close()
+        self.logger.close()
+        if self.cfg.checkpoint.export:
+            out = export_hf(self.model, self.dir / "hf", tokenizer, dtype=self.model_cfg.dtype)
+            dist.print0(f"exported {out}")
+        dist.cleanup()

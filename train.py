@@ -2,7 +2,7 @@
 
 With no --config, every stage belongs to the embedded default (psyche/recipe.py): the whole Psyche-R1 recipe in
 miniature, `all` by default; a stage whose inputs are missing runs the stages before it first. With --config,
-`--stage sft` and `--stage grpo` train on the config's data (psyche/sft.py, psyche/grpo_run.py), also under
+`--stage sft` and `--stage grpo` train on the config's data (psyche/sft.py, psyche/grpo/loop.py), also under
 torchrun.
 """
 
@@ -54,7 +54,7 @@ def _train(stage: str, config_path: str, sets: list[str]):
     if stage == "sft":
         from psyche.sft import run_sft as run
     else:
-        from psyche.grpo_run import run_grpo as run
+        from psyche.grpo.loop import run_grpo as run
     if "TORCHELASTIC_RUN_ID" in os.environ:
         from torch.distributed.elastic.multiprocessing.errors import record
 

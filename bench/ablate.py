@@ -3,6 +3,7 @@
     python bench/robustness.py --envs native --no-curves        # first: the seeds' main runs (data, SFT, GRPO)
     python bench/ablate.py grpo.advantage=grpo,dr_grpo
     python bench/ablate.py grpo.kl_coef=0.02,0 --seeds 0,1,2,3,4
+    python bench/ablate.py grpo.policy_loss=ppo,cispo,gmpo --seeds 0,1,2 --plot docs/ablation-policy-loss.png
 
 For seed S and value V, the GRPO stage runs again (`python train.py --stage grpo --set KEY=V`) in
 OUT/KEY=V-sS, on the data and the SFT model of FROM/native-sS (linked, not copied), and the result is scored on
@@ -31,6 +32,9 @@ def main():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--from", dest="src", default="runs/robustness", help="the main runs (native-sS)")
     p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--with", dest="extra", action="append", default=[], metavar="KEY=V",
+                   help="a setting for every cell (then every cell is rerun, the default's too)")
+    p.add_argument("--plot", help="write the GRPO training curves (accuracy, KL per step; mean and min-max over seeds) here")
     a = p.parse_args()
     key, values = a.knob.split("=", 1)
     values = values.split(",")
@@ -47,17 +51,18 @@ def main():
             main_run = src / f"native-s{s}"
             if not (main_run / "report.json").is_file():
                 sys.exit(f"{main_run}: no main run of seed {s}; run bench/robustness.py first")
-            if v == default:
+            if v == default and not a.extra:
                 cells[(v, s)] = (main_run, json.loads((main_run / "report.json").read_text())["grpo"])
                 continue
-            d = out / f"{key}={v}-s{s}"
+            d = out / ",".join([f"{key}={v}", *a.extra]).replace("/", "_") if a.extra else out / f"{key}={v}"
+            d = d.with_name(d.name + f"-s{s}")
             if not (d / "metrics.json").is_file():
                 d.mkdir(parents=True, exist_ok=True)
                 for part in ("data", "sft"):
                     if not (d / part).exists():
                         os.symlink(main_run / part, d / part)
                 cmd = [sys.executable, "train.py", "--stage", "grpo", "--out", str(d), "--set", f"run.seed={s}",
-                       "--set", f"{key}={v}", "--set", "log.progress=false"]
+                       "--set", f"{key}={v}", "--set", "log.progress=false", *[x for e in a.extra for x in ("--set", e)]]
                 with open(d / "grpo.log", "w") as f:
                     if subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode:
                         sys.exit(f"{' '.join(cmd)} failed; see {d / 'grpo.log'}")
@@ -67,6 +72,33 @@ def main():
                 print(f"{key}={v} seed {s}: done", flush=True)
             cells[(v, s)] = (d, next(iter(json.loads((d / "metrics.json").read_text()).values())))
     print(table(key, values, seeds, cells, src))
+    if a.plot:
+        plot(key, values, seeds, cells, Path(a.plot))
+        print(f"wrote {a.plot}")
+
+
+def plot(key, values, seeds, cells, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for v in values:
+        runs = [[json.loads(x) for x in (cells[(v, s)][0] / "grpo" / "metrics.jsonl").read_text().splitlines()]
+                for s in seeds]
+        for ax, metric in zip(axes, ("accuracy", "kl", "entropy")):
+            steps = [r["step"] for r in runs[0]]
+            ys = [[r[metric] for r in run] for run in runs]
+            mean = [sum(c) / len(c) for c in zip(*ys)]
+            ax.plot(steps, mean, label=f"{v}")
+            ax.fill_between(steps, [min(c) for c in zip(*ys)], [max(c) for c in zip(*ys)], alpha=0.2)
+            ax.set_xlabel("GRPO step")
+            ax.set_title(f"training {metric} ({len(seeds)} seeds: mean, min-max)")
+    axes[0].legend(title=key)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def _get(cfg, key):

@@ -200,7 +200,7 @@ def plot_runs(run_dirs, metrics=(), x: str = "step", out=None, smooth: int = 1, 
 
 
 def pass_rate_matrix(rows: list[dict], max_cols: int = 120):
-    """Pass-rate rows (psyche.diagnostics.read_pass_rates) -> (prompt ids, column steps, matrix (P, C)) with NaN
+    """Pass-rate rows (psyche.grpo.diagnostics.read_pass_rates) -> (prompt ids, column steps, matrix (P, C)) with NaN
     where a prompt was not sampled. Prompts are ordered by their mean pass rate (learned ones at the top); with
     more than `max_cols` steps, consecutive steps are merged into one column (mean of the rates seen there)."""
     import numpy as np
@@ -233,7 +233,7 @@ def pass_rate_matrix(rows: list[dict], max_cols: int = 120):
 def plot_pass_rates(run_dirs, out) -> Path | None:
     """A heat map per run (prompts × steps, colour = fraction of the group with accuracy 1, grey = not
     sampled that step) for the runs that wrote pass_rates.jsonl (grpo.diagnostics = true); None if none did."""
-    from psyche.diagnostics import read_pass_rates
+    from psyche.grpo.diagnostics import read_pass_rates
 
     have = [(run_info(d), read_pass_rates(d)) for d in run_dirs]
     have = [(r, rows) for r, rows in have if rows][:12]
@@ -337,7 +337,7 @@ REPLAY_KEYS = ("loss", "pg_loss", "kl_loss", "entropy_loss", "grad_norm", "clip_
 
 
 def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_out=None) -> dict:
-    """Reload a step dump (psyche.diagnostics.save_step_dump) on the CPU and redo its update exactly as the run
+    """Reload a step dump (psyche.grpo.diagnostics.save_step_dump) on the CPU and redo its update exactly as the run
     did: the model, optimizer and RNG from the dump's checkpoint, the same batch, loss settings and mini-/micro-
     batching. Returns {step, logged, replayed, first}: the run's logged metrics, the replayed update's, and the
     loss and gradient norm of the first mini-batch at the dumped weights (its gradient written to `grad_out`
@@ -349,7 +349,7 @@ def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_ou
     from psyche import dist
     from psyche.checkpoint import latest_checkpoint, load_checkpoint
     from psyche.config import load_run_config
-    from psyche.diagnostics import StepDiagnostics, load_step_dump
+    from psyche.grpo.diagnostics import StepDiagnostics, load_step_dump
     from psyche.dist import global_norm
     from psyche.grpo import LossConfig, micro_loss, update_policy
     from psyche.sft import build_model_for_training, build_optimizer, build_scheduler

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from psyche.prompts import PSYCHE_SYSTEM, PSYCHE_TEMPERATURE, PSYCHE_TOP_P, PSYCHE_USER_PREFIX
+from psyche.pceb import PSYCHE_SYSTEM, PSYCHE_TEMPERATURE, PSYCHE_TOP_P, PSYCHE_USER_PREFIX
 
 
 class Streamer:

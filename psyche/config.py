@@ -239,7 +239,7 @@ def _grpo_optim():
 
 @dataclass
 class GRPOSection:
-    """GRPO knobs (see psyche/grpo_loss.py for the formulas). Defaults: Psyche-R1's recipe where it states one
+    """GRPO knobs (see psyche/grpo/loss.py for the formulas). Defaults: Psyche-R1's recipe where it states one
     (total batch 128, mini-batch 32, KL loss 0.001, lr 1e-6, 10 warm-up steps, 2 epochs)."""
 
     paths: list[str] = field(default_factory=list)  # JSONL/JSON: MC items {question, options, answer}, or
@@ -259,13 +259,27 @@ class GRPOSection:
     top_k: int = 0
     max_prompt_length: int = 1024  # longer prompts are dropped (and counted) at load time
     max_new_tokens: int = 1024
-    advantage: str = choices("grpo", "grpo", "dr_grpo", "rloo", "batch_std")
+    advantage: str = choices("grpo", "grpo", "dr_grpo", "rloo", "batch_std", "reinforce_pp", "reinforce_pp_baseline",
+                             "opo", "grpo_passk")
     std_ddof: int = 1
     adv_eps: float = 1e-6
     clip_low: float = 0.2
     clip_high: float = 0.2  # > clip_low: DAPO's clip-higher
     dual_clip: float = 0.0  # c > 1 enables dual clip; 0 disables
-    ratio_level: str = choices("token", "token", "sequence")  # sequence: GSPO
+    ratio_level: str = choices("token", "token", "sequence")  # sequence: GSPO (policy_loss = ppo)
+    policy_loss: str = choices("ppo", "ppo", "cispo", "gmpo", "sapo", "clip_cov", "kl_cov")  # grpo/loss.py
+    sapo_tau_pos: float = 1.0  # SAPO's gate temperatures for A > 0 / A <= 0
+    sapo_tau_neg: float = 1.05
+    clip_cov_ratio: float = 0.0002  # Clip-Cov: share of tokens whose gradient is cut ...
+    clip_cov_lb: float = 1.0  # ... drawn among those with lb < covariance < ub
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 0.0002  # KL-Cov: share of tokens (largest covariance) penalised ...
+    kl_cov_coef: float = 0.1  # ... by coef * |log ratio|
+    rollout_correction: str = choices("none", "none", "tis", "seq_tis", "mis", "seq_mis")  # sampler-trainer
+    rc_threshold: float = 2.0  # TIS: weights truncated at this; MIS: the band's upper end
+    rc_low: float = 0.5  # MIS: the band's lower end
+    sampler_dtype: str = choices("auto", "auto", "float32", "bfloat16", "float16")  # rollouts' compute dtype;
+    #                                                    auto: model.dtype's. bfloat16 vs an fp32 trainer makes a real gap
     loss_agg: str = choices("token-mean", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                             "seq-mean-token-sum-norm")
     norm_length: int = 0  # seq-mean-token-sum-norm's constant; 0: max_new_tokens
@@ -287,7 +301,7 @@ class GRPOSection:
     exact_kl: bool = True  # log the full-vocabulary KL to the reference (one extra forward of each model)
     exact_kl_rows: int = 0  # > 0: compute it on the first N rows of each step only (a cheaper sample); 0: all
     dump_every: int = 10  # steps between dumps of prompts/completions/rewards to rollouts.jsonl; 0: never
-    # psyche/diagnostics.py states what each of these costs
+    # psyche/grpo/diagnostics.py states what each of these costs
     diagnostics: bool = False  # loss under every aggregation, entropy by position/advantage sign, KL estimators
     #                            vs exact KL, RUN_DIR/pass_rates.jsonl
     grad_split: bool = False  # gradient norm by loss term and by advantage sign (extra forward+backward passes)

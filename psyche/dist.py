@@ -119,6 +119,15 @@ def gather_object(obj) -> list | None:
     return out
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's object, in rank order, on every rank; [obj] on one process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()

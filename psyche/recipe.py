@@ -255,7 +255,7 @@ def sft_curve(out: Path, rc, tokenizer_dir: Path, log):
 
 
 def stage_grpo(cfg: RunConfig, out: Path, log) -> float:
-    from psyche.grpo_run import run_grpo
+    from psyche.grpo.loop import run_grpo
 
     if (out / "grpo" / "hf" / "config.json").is_file():
         log("grpo: already trained")

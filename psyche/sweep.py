@@ -231,5 +231,5 @@ def _run_in_process(stage: str, cfg):
     if stage == "sft":
         from psyche.sft import run_sft as run
     else:
-        from psyche.grpo_run import run_grpo as run
+        from psyche.grpo.loop import run_grpo as run
     run(cfg)

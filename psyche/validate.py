@@ -156,6 +156,7 @@ def check_grpo_section(cfg: RunConfig):
               f"the soft zone cannot be longer than grpo.max_new_tokens={g.max_new_tokens}")
     bad = [s for s in g.replay_steps if s < 1]
     _need(not bad, "grpo.replay_steps", g.replay_steps, "steps count from 1")
+    _policy_loss(g)
     _rewards(g)
     check_optim(g.optim, "grpo.optim")
 
@@ -164,9 +165,37 @@ def _advantage(g):
     """A group of one sample has no baseline (its advantage is 0 under every estimator); 'grpo' also needs
     more samples than std_ddof for its standard deviation."""
     need = max(2, g.std_ddof + 1) if g.advantage in ("grpo", "batch_std") else 2
+    if g.advantage == "reinforce_pp":
+        need = 1  # no group baseline: whitened over the batch's tokens
     what = f"estimator {g.advantage!r}" + (f" with std_ddof={g.std_ddof}" if g.advantage in ("grpo", "batch_std")
                                             else "")
     _need(g.group_size >= need, "grpo.group_size", g.group_size, f"{what} needs >= {need} samples per prompt")
+
+
+def _policy_loss(g):
+    """The variants' own parameters, and what only some variants support."""
+    _need(g.ratio_level == "token" or g.policy_loss == "ppo", "grpo.ratio_level", g.ratio_level,
+          f"the sequence ratio (GSPO) belongs to policy_loss 'ppo', not {g.policy_loss!r}")
+    _need(g.dual_clip == 0 or g.policy_loss in ("ppo",), "grpo.dual_clip", g.dual_clip,
+          f"dual clip belongs to policy_loss 'ppo', not {g.policy_loss!r}")
+    for key in ("sapo_tau_pos", "sapo_tau_neg", "rc_threshold"):
+        _finite(f"grpo.{key}", getattr(g, key))
+        _need(getattr(g, key) > 0, f"grpo.{key}", getattr(g, key), "must be > 0")
+    for key in ("clip_cov_ratio", "kl_cov_ratio"):
+        _finite(f"grpo.{key}", getattr(g, key))
+        _need(0 < getattr(g, key) <= 1, f"grpo.{key}", getattr(g, key), "must be in (0, 1] (a share of tokens)")
+    for key in ("clip_cov_lb", "clip_cov_ub", "kl_cov_coef", "rc_low"):
+        _finite(f"grpo.{key}", getattr(g, key))
+    _need(g.clip_cov_lb < g.clip_cov_ub, "grpo.clip_cov_lb", g.clip_cov_lb,
+          f"must be below grpo.clip_cov_ub={g.clip_cov_ub}")
+    _at_least("grpo.kl_cov_coef", g.kl_cov_coef, 0)
+    if g.rollout_correction in ("tis", "seq_tis"):
+        _need(g.rc_threshold >= 1, "grpo.rc_threshold", g.rc_threshold,
+              "must be >= 1 for TIS (weights above it are truncated; below 1 every token would be)")
+    if g.rollout_correction in ("mis", "seq_mis"):
+        _need(0 <= g.rc_low < 1 < g.rc_threshold, "grpo.rc_low", g.rc_low,
+              f"MIS keeps weights in [rc_low, rc_threshold] = [{g.rc_low}, {g.rc_threshold}]: need "
+              "0 <= rc_low < 1 < rc_threshold")
 
 
 def _rewards(g):

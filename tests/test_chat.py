@@ -3,7 +3,7 @@
 from click.testing import CliRunner
 
 from psyche.chat import chat
-from psyche.prompts import PSYCHE_SYSTEM, PSYCHE_USER_PREFIX
+from psyche.pceb import PSYCHE_SYSTEM, PSYCHE_USER_PREFIX
 from psyche.sampler import generate
 from psyche.tokenizer import Tokenizer
 from psyche.weights import load_pretrained

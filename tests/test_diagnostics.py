@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import tiny_config
-from psyche.diagnostics import (StepDiagnostics, completion_positions, kl_check, part_gradients, pass_counts,
+from psyche.grpo.diagnostics import (StepDiagnostics, completion_positions, kl_check, part_gradients, pass_counts,
                                 position_buckets, read_pass_rates, record_pass_rates, split_parts)
 from psyche.grpo import (AGGS, LossConfig, build_batch, completion_kl, kl_estimate, micro_loss, policy_loss,
                          sequence_logprobs, update_policy)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from psyche.grpo_loss import aggregate, compute_advantages, exact_kl, kl_estimate, policy_loss, zero_std_groups
+from psyche.grpo.loss import aggregate, compute_advantages, exact_kl, kl_estimate, policy_loss, zero_std_groups
 
 
 def t(*x):

@@ -14,7 +14,7 @@ import pytest
 
 from psyche.checkpoint import latest_checkpoint, list_checkpoints
 from psyche.data import DataError
-from psyche.grpo_run import PromptStream, load_prompts
+from psyche.grpo.loop import PromptStream, load_prompts
 from psyche.metrics import read_metrics
 from psyche.tokenizer import Tokenizer
 
@@ -160,7 +160,7 @@ def test_bf16_compute_runs_grpo_under_the_same_autocast_as_sft(tmp_path, monkeyp
     import torch
 
     from psyche.config import load_run_config
-    from psyche.grpo_run import run_grpo
+    from psyche.grpo.loop import run_grpo
     from psyche.model import Qwen2
     from psyche.sft import run_sft
 

@@ -156,7 +156,7 @@ def test_sft_trains_on_the_prompt_tokens_that_evaluation_and_grpo_generate_from(
     (a system turn in one and not the other would put every reply after a prompt SFT never showed)."""
     from psyche.base import BASE_DIR
     from psyche.data import tokenize
-    from psyche.grpo_run import load_prompts
+    from psyche.grpo.loop import load_prompts
     from psyche.recipe import embedded_config, read_items
     from psyche.task import task_prompt
     from psyche.tokenizer import Tokenizer

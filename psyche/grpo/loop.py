@@ -1,9 +1,19 @@
-"""The GRPO loop (`python train.py --stage grpo`, alone or under torchrun).
+"""The GRPO stage (`python train.py --stage grpo`, alone or under torchrun).
 
 Per step: take the next prompts -> sample group_size completions each with the KV-cache sampler (the policy's
 own weights; gathered once under FSDP2) -> rewards -> (optionally drop zero-std groups and refill) ->
-reference and old log-probs -> advantages -> μ passes of mini-batch updates -> log, dump, checkpoint.
-Every quantity of `psyche.grpo.rollout_stats`, the update stats and the timings goes to metrics.jsonl.
+reference and old log-probs (`score_rollouts`) -> advantages -> μ passes of mini-batch updates -> log, dump,
+checkpoint. Every quantity of `rollout_stats`, the update's metrics and the timings goes to metrics.jsonl;
+psyche/run.py does what SFT does too (config, precision, resume, logging, checkpoints, export).
+
+Where this differs from the GRPO paper (DeepSeekMath), each a setting with the paper's choice available:
+- the KL penalty is k3 in the loss by default, as in the paper, but k1/k2 and a KL in the reward are settings;
+- the default aggregation is token-mean over the mini-batch (DAPO), not the paper's per-sequence mean
+  (`grpo.loss_agg = "seq-mean-token-mean"`);
+- with one update per rollout (the default) the old log-probs are the current ones detached (ratio 1), so
+  the clip never acts; several mini-batches or ppo_epochs > 1 bring the clip into play;
+- truncated completions get reward 0 (the paper does not say), and groups with equal rewards can be
+  replaced (dynamic sampling, DAPO).
 """
 
 from __future__ import annotations
@@ -20,8 +30,8 @@ from psyche import dist
 from psyche.checkpoint import latest_checkpoint
 from psyche.config import RunConfig
 from psyche.data import DataError, format_mc_prompt, read_records
-from psyche.diagnostics import StepDiagnostics, kl_check, record_pass_rates, replay_due, save_logged, save_step_dump
-from psyche.grpo import (LossConfig, RolloutBatch, apply_truncation_mask, batched_logprobs, build_batch, combine,
+from psyche.grpo.diagnostics import StepDiagnostics, kl_check, record_pass_rates, replay_due, save_logged, save_step_dump
+from psyche.grpo.step import (LossConfig, RolloutBatch, apply_truncation_mask, batched_logprobs, build_batch, combine,
                          combine_kind, compute_advantages, completion_kl, kl_estimate, logprob_gap, rollout_stats,
                          shape_rewards, update_policy, zero_std_groups)
 from psyche.rewards import RewardError, RewardSet
@@ -36,7 +46,7 @@ def load_prompts(paths, tok, style: str = "plain", max_prompt_length: int = 1024
     A record is an MC item {question, options, answer[, qtype]} whose prompt is built in `style` (plain: the
     same user turn SFT trains on; psyche: Psyche-R1's system prompt and user prefix), or {messages, answer}
     with the prompt turns given. `answer` is the gold letters the accuracy rewards check."""
-    from psyche.prompts import PSYCHE_SYSTEM, PSYCHE_USER_PREFIX
+    from psyche.pceb import PSYCHE_SYSTEM, PSYCHE_USER_PREFIX
 
     if not paths:
         raise DataError("grpo.paths is empty: give at least one JSONL/JSON file of prompts with answers")
@@ -311,6 +321,37 @@ class FirstForward:
         return out
 
 
+def sampler_precision(name: str, run):
+    """The context rollouts run in: the training forwards' (auto), or autocast to another dtype
+    (grpo.sampler_dtype), so the sampler's log-probs differ from the trainer's as an inference engine's do."""
+    if name == "auto":
+        return run.amp
+    dtype = getattr(torch, name)
+    if dtype == torch.float32:
+        return torch.autocast(run.device.type, enabled=False)
+    return torch.autocast(run.device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def reset_reference(policy, ref):
+    """ref <- the policy's current weights (grpo.ref_reset_every): the KL then anchors to a recent policy."""
+    with dist.unsharded(policy):  # full parameters on every rank for the copy
+        current = dict(policy.named_parameters())
+        for name, p in ref.named_parameters():
+            p.copy_(current[name].detach().to(p.device, p.dtype))
+
+
+def write_step_files(run_dir: Path, gc, step: int, b: RolloutBatch, metrics: dict | None, dumped: Path | None):
+    """The step's files beside metrics.jsonl: pass_rates.jsonl (diagnostics), the replay dump's logged
+    metrics, and rollouts.jsonl (every dump_every steps and at step 1). Call on every rank."""
+    if gc.diagnostics:
+        record_pass_rates(run_dir, step, b)
+    if dumped is not None:
+        save_logged(dumped, metrics)
+    if dist.is_main() and gc.dump_every and (step % gc.dump_every == 0 or step == 1):
+        dump_rollouts(run_dir / "rollouts.jsonl", step, b)
+
+
 # ---- the loop ----
 
 def run_grpo(cfg: RunConfig) -> Path:
@@ -340,7 +381,11 @@ def run_grpo(cfg: RunConfig) -> Path:
     lc = LossConfig(temperature=gc.temperature, clip_low=gc.clip_low, clip_high=gc.clip_high,
                     dual_clip=gc.dual_clip or None, ratio_level=gc.ratio_level, agg=gc.loss_agg,
                     norm_length=gc.norm_length or gc.max_new_tokens, kl_coef=gc.kl_coef, kl_kind=gc.kl_kind,
-                    kl_in_loss=gc.kl_mode == "loss", entropy_coef=gc.entropy_coef)
+                    kl_in_loss=gc.kl_mode == "loss", entropy_coef=gc.entropy_coef, policy_loss=gc.policy_loss,
+                    sapo_tau_pos=gc.sapo_tau_pos, sapo_tau_neg=gc.sapo_tau_neg, clip_cov_ratio=gc.clip_cov_ratio,
+                    clip_cov_lb=gc.clip_cov_lb, clip_cov_ub=gc.clip_cov_ub, kl_cov_ratio=gc.kl_cov_ratio,
+                    kl_cov_coef=gc.kl_cov_coef, rollout_correction=gc.rollout_correction,
+                    rc_threshold=gc.rc_threshold, rc_low=gc.rc_low)
     n_updates = gc.prompts_per_step // mini * gc.ppo_epochs
     dist.print0(f"grpo: {len(prompts)} prompts ({too_long} dropped as longer than {gc.max_prompt_length} tokens); "
                 f"{gc.prompts_per_step} prompts x {gc.group_size} samples per step, {gc.prompts_per_step // mini} "
@@ -355,11 +400,12 @@ def run_grpo(cfg: RunConfig) -> Path:
     run.open()
     upd_kw = dict(mini_batch_rows=(mini // world) * gc.group_size, micro_batch=gc.micro_batch,
                   epochs=gc.ppo_epochs, grad_clip=gc.optim.grad_clip)
+    sampler_amp = sampler_precision(gc.sampler_dtype, run)
 
     for step in run.steps():
         t0 = time.time()
         try:  # rollouts and rewards
-            with run.amp:
+            with sampler_amp:
                 b, sampling = gather_rollouts(policy, prompts, stream, gc, tok, reward_set, seed=cfg.run.seed,
                                               step=step, rank=rank, world=world, mini=mini)
         except RewardError as e:
@@ -372,7 +418,7 @@ def run_grpo(cfg: RunConfig) -> Path:
             metrics, t_ref = score_rollouts(policy, ref, b, gc, n_updates=n_updates, device=device)
         t_old = time.time()
         b.advantages = compute_advantages(b.rewards, gc.group_size, estimator=gc.advantage, std_ddof=gc.std_ddof,
-                                          eps=gc.adv_eps)
+                                          eps=gc.adv_eps, lengths=b.lengths, reduce=dist.sum_over_ranks)
         metrics.update(sampling)
         if gc.truncation == "mask":
             apply_truncation_mask(b)
@@ -381,7 +427,8 @@ def run_grpo(cfg: RunConfig) -> Path:
                                  optimizer=run.optimizer, scheduler=run.scheduler) if replay_due(gc, step) else None)
         diag = StepDiagnostics(lc, grad_split=gc.grad_split) if gc.diagnostics or gc.grad_split else None
         upd = update_policy(policy, run.optimizer, b, lc, **upd_kw, clip_fn=dist.clip_grad_norm_,
-                            on_first_forward=first, diag=diag, amp=run.amp)
+                            on_first_forward=first, diag=diag, amp=run.amp,
+                            seed=cfg.run.seed * SEED_MULT + step * STEP_MULT)
         if first is not None:
             metrics.update(first.metrics())
         lr = run.optimizer.param_groups[0]["lr"]
@@ -393,22 +440,13 @@ def run_grpo(cfg: RunConfig) -> Path:
         metrics.update(lr=lr, time_rollout=t_roll - t0, time_reference=t_ref,
                        time_old_logprob=t_old - t_roll - t_ref, time_update=t_end - t_old)
         metrics = combine_ranks(b, metrics)
-        reset = bool(gc.ref_reset_every and ref is not None and step % gc.ref_reset_every == 0)
-        if reset:
-            with torch.no_grad(), dist.unsharded(policy):  # full parameters on every rank for the copy
-                current = dict(policy.named_parameters())
-                for name, p in ref.named_parameters():
-                    p.copy_(current[name].detach().to(p.device, p.dtype))
+        reset = bool(gc.ref_reset_every and step % gc.ref_reset_every == 0)
+        if reset and ref is not None:
+            reset_reference(policy, ref)
         if metrics is not None:
             n_tok = metrics["update_tokens"] // max(gc.ppo_epochs, 1)
-            metrics.update(tokens=n_tok, tok_per_s=n_tok / max(t_end - t0, 1e-9),
-                           ref_reset=int(bool(gc.ref_reset_every and step % gc.ref_reset_every == 0)))
-        if gc.diagnostics:
-            record_pass_rates(run.dir, step, b)
-        if dumped is not None:
-            save_logged(dumped, metrics)
-        if dist.is_main() and gc.dump_every and (step % gc.dump_every == 0 or step == 1):
-            dump_rollouts(run.dir / "rollouts.jsonl", step, b)
+            metrics.update(tokens=n_tok, tok_per_s=n_tok / max(t_end - t0, 1e-9), ref_reset=int(reset))
+        write_step_files(run.dir, gc, step, b, metrics, dumped)
         run.log(step, metrics, ("loss", "reward_mean", "accuracy", "zero_std_frac", "kl", "entropy",
                                 "response_length_mean", "clip_frac_high", "grad_norm", "logprob_gap",
                                 "time_rollout", "time_update"),

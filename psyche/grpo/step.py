@@ -1,6 +1,6 @@
 """GRPO, one step at a time: rollout -> rewards -> advantages -> μ passes of clipped policy updates -> log.
 
-The math lives in psyche/grpo_loss.py (plain tensor functions, re-exported here); this file moves tensors
+The math lives in psyche/grpo/loss.py (plain tensor functions, re-exported here); this file moves tensors
 between the sampler, the reward functions and the optimizer. Deliberate choices, each a config knob:
 - log-probs are recomputed at the sampling temperature, over the full vocabulary (no top-p): a ratio
   between log-probs at two different temperatures is not an importance ratio;
@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 import torch
 
 from psyche import dist
-from psyche.grpo_loss import (AGGS, ESTIMATORS, KL_KINDS, LossConfig, aggregate, compute_advantages,  # noqa: F401
-                              exact_kl, kl_estimate, objective, policy_loss, zero_std_groups)
+from psyche.grpo.loss import (AGGS, ESTIMATORS, KL_KINDS, POLICY_LOSSES, ROLLOUT_CORRECTIONS,  # noqa: F401
+                              LossConfig, aggregate, compute_advantages, cov_select, exact_kl, kl_estimate,
+                              objective, policy_loss, rollout_correction, surrogate, token_covariance,
+                              zero_std_groups)
 from psyche.sampler import Rollout
 
 
@@ -49,6 +51,8 @@ class RolloutBatch:
     prompts: list[str] = field(default_factory=list)  # N prompt texts (repeated per group)
     items: list[dict] = field(default_factory=list)  # N items the rewards checked (answer, qtype, id, ...)
     prompt_ids: list[int] = field(default_factory=list)  # N indices of each row's prompt in the prompt file(s)
+    cov_selected: dict[str, torch.Tensor] = field(default_factory=dict)  # clip_cov / kl_cov -> (N, T) bool:
+    #                                                        the tokens cov_select chose (select_cov_tokens)
 
     @property
     def n_groups(self) -> int:
@@ -70,7 +74,8 @@ class RolloutBatch:
                             self.sampler_logp[idx][:, :T], self.lengths[idx], self.finished[idx], self.group_size,
                             pick(self.rewards), pick(self.advantages), cut(self.old_logp), cut(self.ref_logp),
                             {k: v[idx.to(v.device)] for k, v in self.reward_parts.items()}, sel(self.texts),
-                            sel(self.prompts), sel(self.items), sel(self.prompt_ids))
+                            sel(self.prompts), sel(self.items), sel(self.prompt_ids),
+                            {k: cut(v) for k, v in self.cov_selected.items()})
 
 
 ROW_TAIL = 2  # columns kept past a row's last target position: its own and the token it predicts
@@ -147,14 +152,18 @@ def apply_truncation_mask(batch: RolloutBatch):
 
 def logprob_gap(sampler_logp, trainer_logp, mask) -> dict:
     """How far the sampler's log-probs are from the trainer's for the same weights (different kernels, a
-    different batch shape or precision): mean |Δ| over completion tokens and the k3 KL estimate between the
-    two. A gap well above float rounding means the "on-policy" update is not."""
+    different batch shape or precision), over completion tokens y ~ π_sampler:
+
+        logprob_gap = mean |lp_s − lp_t|,   logprob_gap_k1 = mean (lp_s − lp_t),
+        logprob_gap_kl = mean (r − 1 − log r) with r = π_t(y)/π_s(y)   (k1 and k3 estimates of KL(π_s ‖ π_t))
+
+    A gap well above float rounding means the "on-policy" update is not (grpo.rollout_correction)."""
     m = mask.bool()
     if not m.any():
-        return {"logprob_gap": 0.0, "logprob_gap_kl": 0.0}
-    d = (sampler_logp - trainer_logp)[m]
-    return {"logprob_gap": float(d.abs().mean()),
-            "logprob_gap_kl": float(kl_estimate(trainer_logp[m], sampler_logp[m], "k3").mean())}
+        return {"logprob_gap": 0.0, "logprob_gap_k1": 0.0, "logprob_gap_kl": 0.0}
+    s, t = sampler_logp[m], trainer_logp[m]
+    return {"logprob_gap": float((s - t).abs().mean()), "logprob_gap_k1": float((s - t).mean()),
+            "logprob_gap_kl": float(kl_estimate(s, t, "k3").mean())}
 
 
 @torch.no_grad()
@@ -239,10 +248,10 @@ def combine(values: list[float], weights: list[float], kind: str) -> float:
 def micro_loss(model, b: RolloutBatch, lc: LossConfig, n_tokens: float, n_seqs: float, diag=None):
     """Forward one micro-batch -> (loss to backprop, {logged value: 0-d tensor}, the log-probs, detached).
 
-    The loss is `psyche.grpo_loss.objective` with the mini-batch's global counts, so summing micro-batch
+    The loss is `psyche.grpo.loss.objective` with the mini-batch's global counts, so summing micro-batch
     losses gives the mini-batch loss exactly. The logged values are the terms (pg_loss, kl_loss with a
     reference, entropy_loss, loss), the policy-loss statistics, n_tokens and entropy_sum, all still tensors.
-    diag: a psyche.diagnostics.StepDiagnostics that sees the per-token values (no extra forward)."""
+    diag: a psyche.grpo.diagnostics.StepDiagnostics that sees the per-token values (no extra forward)."""
     lp, ent = sequence_logprobs(model, b, lc.temperature)
     if diag is not None:
         diag.observe(lp, ent, b, n_tokens, n_seqs)
@@ -254,9 +263,32 @@ def micro_loss(model, b: RolloutBatch, lc: LossConfig, n_tokens: float, n_seqs: 
     return terms["loss"], logged, lp.detach()
 
 
+COV_LOSSES = ("clip_cov", "kl_cov")
+
+
+@torch.no_grad()
+def select_cov_tokens(batch: RolloutBatch, rows: list[int], lc: LossConfig, names, *, seed: int):
+    """Choose, once for the mini-batch `rows` (all ranks together), the tokens Clip-Cov cuts / KL-Cov
+    penalises (psyche.grpo.loss.cov_select), from the covariance of the advantage with the log-probs of the
+    policy before this update (the recomputed old log-probs, else the sampler's), and store them in
+    batch.cov_selected[name] for those rows. Clip-Cov's random draw is seeded by `seed` on every rank."""
+    sub = batch.rows(rows)
+    lp = sub.old_logp if sub.old_logp is not None else sub.sampler_logp
+    cov = token_covariance(sub.advantages, lp, sub.mask, reduce=dist.sum_over_ranks)
+    idx = torch.as_tensor(rows, device=batch.mask.device)
+    for name in names:
+        ratio, kw = (lc.clip_cov_ratio, dict(lb=lc.clip_cov_lb, ub=lc.clip_cov_ub)) if name == "clip_cov" else \
+            (lc.kl_cov_ratio, {})
+        chosen = cov_select(name, cov, sub.mask, ratio=ratio, generator=torch.Generator().manual_seed(seed),
+                            gather=dist.all_gather_object, rank=dist.get_rank(), **kw)
+        full = batch.cov_selected.setdefault(name, torch.zeros_like(batch.mask))
+        full[idx] = False
+        full[idx, : chosen.shape[1]] = chosen
+
+
 def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, *, mini_batch_rows: int, micro_batch: int,
                   epochs: int = 1, grad_clip: float = 1.0, clip_fn=None, on_first_forward=None, diag=None,
-                  amp=None) -> dict:
+                  amp=None, seed: int = 0) -> dict:
     """μ = `epochs` passes over the rollout; each pass splits it into mini-batches (one optimizer step each),
     each mini-batch into micro-batches (gradient accumulation). Returns this rank's metrics of the step,
     combined over micro-batches as METRICS says (one host sync at the end, none per micro-batch).
@@ -264,10 +296,11 @@ def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, *, mini
     clip_fn(parameters, max_norm) -> total norm: the clipping function (FSDP2-aware from psyche.dist).
     on_first_forward(rows, sub_batch, logp): called with the trainer's log-probs of each micro-batch the first
     time it is seen (epoch 0; for the sampler-gap metric when no old log-probs were recomputed).
-    diag: a psyche.diagnostics.StepDiagnostics (counterfactual losses, entropy buckets, gradient split); its
+    diag: a psyche.grpo.diagnostics.StepDiagnostics (counterfactual losses, entropy buckets, gradient split); its
     metrics join the returned ones. It leaves the update itself unchanged.
     amp: the context the forwards run in (psyche.run.Run.amp: autocast for a bf16 compute dtype); backward
     runs outside it.
+    seed: Clip-Cov's draw of tokens (per mini-batch: seed + its first row), the same on every rank.
     """
     clip_fn = clip_fn or torch.nn.utils.clip_grad_norm_
     amp = amp if amp is not None else contextlib.nullcontext()
@@ -278,6 +311,9 @@ def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, *, mini
     for epoch in range(epochs):
         for start in range(0, N, mini_batch_rows):
             rows = list(range(start, min(start + mini_batch_rows, N)))
+            cov_names = COV_LOSSES if diag is not None else [n for n in COV_LOSSES if n == lc.policy_loss]
+            if cov_names and epoch == 0:  # chosen before the mini-batch's first update, kept for its epochs
+                select_cov_tokens(batch, rows, lc, cov_names, seed=seed + start)
             n_tok = dist.sum_over_ranks(batch.mask[rows].sum())
             n_seq = dist.sum_over_ranks(len(rows))
             optimizer.zero_grad(set_to_none=True)

@@ -6,6 +6,9 @@ Switches (grpo section) and what each costs on top of a normal step:
     loss/<mode>, pg_loss/<mode>   the step's loss under every aggregation mode (counterfactual), from the
                                   per-token values the update already has: a few (B, T) reductions per
                                   micro-batch, no extra forward. The chosen mode's value equals `loss`/`pg_loss`.
+    pg_loss/<policy loss>         the policy term under every policy-loss variant (ppo, cispo, gmpo, sapo,
+                                  clip_cov, kl_cov) with the chosen aggregation: the same reductions again;
+                                  the chosen variant's value equals `pg_loss`.
     entropy/pos_<lo>-<hi>,        token entropy by position in the completion and by the sign of the row's
     entropy/adv_<sign>            advantage: reductions of the update's own entropy, free.
     kl_exact, kl_k1..k3,          exact full-vocabulary KL(π‖π_ref) per completion token against the one-sample
@@ -40,7 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from psyche import dist
-from psyche.grpo_loss import AGGS, KL_KINDS, kl_estimate, objective
+from psyche.grpo.loss import AGGS, KL_KINDS, POLICY_LOSSES, kl_estimate, objective
 
 POS_EDGES = (0, 4, 16, 64, 256, 1024)  # completion-position buckets [0,4) [4,16) ... [1024, ∞)
 SIGNS = (("adv_pos", 1), ("adv_neg", -1), ("adv_zero", 0))
@@ -76,7 +79,7 @@ def part_gradients(model, batch, rows, lc, names, *, micro_batch: int, n_tokens,
     """For each part in `names`: zero the gradients, then forward + backward that part's loss over the
     mini-batch `rows` micro-batch by micro-batch (the same accumulation as the update), and yield
     (name, [p.grad for p in params]). The caller reads the gradients before asking for the next part."""
-    from psyche.grpo import sequence_logprobs
+    from psyche.grpo.step import sequence_logprobs
 
     params = [p for p in model.parameters() if p.requires_grad]
     for name in names:
@@ -132,6 +135,11 @@ class StepDiagnostics:
             t, _ = objective(lp, ent, b, self.lc, n_tokens, n_seqs, agg=mode)
             self.sums[f"pg_loss/{mode}"] += float(t["pg"])
             self.sums[f"loss/{mode}"] += float(t["loss"])
+        for name in POLICY_LOSSES:  # every policy-loss variant under the configured aggregation (the two
+            if name in ("clip_cov", "kl_cov") and name not in b.cov_selected:  # -cov ones when update_policy
+                continue  # chose their tokens)
+            t, _ = objective(lp, ent, b, self.lc, n_tokens, n_seqs, policy=name)
+            self.sums[f"pg_loss/{name}"] += float(t["pg"])
         e = ent.float()
         pos = completion_positions(b.mask)
         for name, lo, hi in self.buckets:
@@ -174,7 +182,7 @@ class StepDiagnostics:
         s = dist.sum_over_ranks(dict(self.sums))
         out = {}
         for k, v in sorted(s.items()):
-            if k.startswith(("loss/", "pg_loss/")):
+            if k.startswith(("loss/", "pg_loss/")):  # pg_loss/<agg mode> and pg_loss/<policy loss>
                 out[k] = v / max(n_updates, 1)
             elif k.startswith("H/") and s["n/" + k[2:]] > 0:
                 out["entropy/" + k[2:]] = v / s["n/" + k[2:]]
@@ -189,14 +197,14 @@ class StepDiagnostics:
 @torch.no_grad()
 def kl_check(policy, ref, batch, temperature: float, chunk: int = 256) -> dict:
     """Exact KL_t at every completion position t (psyche.grpo.completion_kl) against the one-sample estimates
-    k1, k2, k3 (psyche.grpo_loss.kl_estimate) of the sampled token y_t ~ π:
+    k1, k2, k3 (psyche.grpo.loss.kl_estimate) of the sampled token y_t ~ π:
 
         kl_exact = mean_t KL_t          kl_k{i} = mean_t k_i,t
         kl_bias/k{i} = mean_t (k_i,t − KL_t)      kl_abs_err/k{i} = mean_t |k_i,t − KL_t|
 
     k1 and k3 are unbiased (E_y[k] = KL_t), k2 is not; the absolute error shows each one's spread. Token means
     are combined over ranks by token weight (psyche.grpo.METRICS), which is exact for all of these."""
-    from psyche.grpo import completion_kl
+    from psyche.grpo.step import completion_kl
 
     ex, lp_y, lq_y = completion_kl(policy, ref, batch, temperature, chunk)
     if not ex.numel():
@@ -313,7 +321,7 @@ def save_logged(d: Path, metrics: dict | None):
 def load_step_dump(d) -> tuple[dict, "RolloutBatch"]:  # noqa: F821
     """(step.json, the global RolloutBatch). With several ranks, their shares are interleaved so that global
     mini-batch k holds every rank's k-th local mini-batch, as in the run. Never unpickles."""
-    from psyche.grpo import RolloutBatch
+    from psyche.grpo.step import RolloutBatch
 
     d = Path(d)
     meta = json.loads((d / "step.json").read_text())

@@ -1,0 +1,557 @@
+"""GRPO's math as plain tensor functions: advantages, KL estimators, the clipped policy loss, aggregation,
+and `objective`, the one place where they are put together into the loss that trains.
+
+Nothing here knows about models or sampling, so each function can be checked by hand and compared with
+other implementations. Notation: G completions per prompt, reward r_i, per-token log-probs lp (current
+policy), lp_old (the policy that sampled), lp_ref (reference); ratio ρ = exp(lp − lp_old); mask m over
+completion tokens; A_i a completion's advantage, broadcast over its tokens. Statistics are returned as
+0-d tensors, never Python floats, so the math forces no host-device sync; the caller converts them when
+it logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ESTIMATORS = ("grpo", "dr_grpo", "rloo", "batch_std", "reinforce_pp", "reinforce_pp_baseline", "opo", "grpo_passk")
+NEEDS_LENGTHS = ("reinforce_pp", "reinforce_pp_baseline", "opo")  # estimators that weight rows by their tokens
+KL_KINDS = ("k1", "k2", "k3")
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+WHITEN_EPS = 1e-8  # verl's masked_whiten: (x − mean) / sqrt(var + 1e-8)
+
+
+def _one_process(xs: list) -> list:
+    return [float(x) for x in xs]
+
+
+def token_whiten(x: torch.Tensor, lengths: torch.Tensor, reduce=None) -> torch.Tensor:
+    """Whiten per-row values x (N,) as if each were repeated over its row's L_i completion tokens (the
+    token-level whitening of REINFORCE++ with an outcome reward):
+
+        n = Σ_i L_i,   μ = Σ_i L_i x_i / n,   σ² = Σ_i L_i (x_i − μ)² / (n − 1),   x̂_i = (x_i − μ) / sqrt(σ² + 1e-8)
+
+    over the whole batch: `reduce` sums a list of numbers over ranks (psyche.dist.sum_over_ranks), so the
+    statistics are those of the global batch."""
+    reduce = reduce or _one_process
+    L = lengths.to(torch.float64)
+    n, s = reduce([L.sum(), (L * x).sum()])
+    mu = s / n
+    (ss,) = reduce([(L * (x - mu) ** 2).sum()])
+    if n < 2:
+        raise ValueError(f"token whitening needs at least 2 completion tokens in the batch, got {n:g}")
+    return (x - mu) / (ss / (n - 1) + WHITEN_EPS) ** 0.5
+
+
+def compute_advantages(rewards: torch.Tensor, group_size: int, *, estimator: str = "grpo", std_ddof: int = 1,
+                       eps: float = 1e-6, lengths: torch.Tensor | None = None, reduce=None) -> torch.Tensor:
+    """rewards (N,) with N = prompts × group_size, a prompt's completions consecutive -> advantages (N,),
+    one per completion (its tokens share it). lengths (N,): completion lengths, for the estimators that
+    weight by tokens; reduce: sums over ranks, for the ones with batch statistics (see `token_whiten`).
+
+    grpo:      A_i = (r_i − mean_g r) / (std_g r + eps), std over the group with `std_ddof`
+               (1: verl, TRL, OpenRLHF; 0: several minimal implementations).
+    dr_grpo:   A_i = r_i − mean_g r  (Dr. GRPO: no division by the std; no difficulty bias).
+    rloo:      A_i = r_i − mean_{j≠i} r_j = G/(G−1) · (r_i − mean_g r)  (leave-one-out baseline).
+    batch_std: A_i = (r_i − mean_g r) / (std_batch r + eps)  (group mean, std over this rank's batch).
+    reinforce_pp:          A_i = token_whiten(r)_i  (REINFORCE++: no group baseline; returns whitened
+                           over the batch's completion tokens, γ = 1, the reward on the last token).
+    reinforce_pp_baseline: A_i = token_whiten(r − mean_g r)_i  (REINFORCE++ with the group mean as baseline).
+    opo:       A_i = r_i − Σ_g L_j r_j / Σ_g L_j  (OPO: the length-weighted group mean is the optimal baseline
+               for a sequence-level reward; no std).
+    grpo_passk: per group only the best completion learns: A_{i*} = (r_max − r_second) / (std_g r + eps) with
+               i* = argmax (torch.topk's choice among ties), std unbiased; every other A_i = 0 (pass@k training).
+    A group whose rewards are all equal gets A = 0 under every group estimator (also with eps = 0); the token-
+    whitened ones give such a group −μ/σ, as in verl: with no group baseline, every completion is compared
+    with the batch.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries, "
+                         f"got shape {tuple(rewards.shape)}")
+    if ((estimator in ("rloo", "grpo_passk") and group_size < 2)
+            or (estimator == "grpo" and group_size - std_ddof < 1)):
+        raise ValueError(f"group_size={group_size} is too small for estimator {estimator!r} (ddof={std_ddof})")
+    if estimator in NEEDS_LENGTHS and (lengths is None or lengths.shape != rewards.shape):
+        raise ValueError(f"estimator {estimator!r} needs the completion lengths, one per reward")
+    r = rewards.double().view(-1, group_size)  # (P, G)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if estimator == "grpo":
+        std = r.std(dim=1, correction=std_ddof, keepdim=True)
+        adv = torch.where(std > 0, centred / (std + eps), 0.0)  # eps = 0 must not turn 0/0 into NaN
+    elif estimator == "dr_grpo":
+        adv = centred
+    elif estimator == "rloo":
+        adv = centred * group_size / (group_size - 1)
+    elif estimator == "batch_std":
+        adv = centred / (rewards.double().std(correction=std_ddof) + eps)
+    elif estimator == "reinforce_pp":
+        adv = token_whiten(r.flatten(), lengths, reduce)
+    elif estimator == "reinforce_pp_baseline":
+        adv = token_whiten(centred.flatten(), lengths, reduce)
+    elif estimator == "opo":
+        L = lengths.double().view(-1, group_size)
+        adv = r - (L * r).sum(1, keepdim=True) / L.sum(1, keepdim=True).clamp(min=1)
+    else:  # grpo_passk
+        top, idx = torch.topk(r, 2, dim=1)
+        gap = (top[:, 0] - top[:, 1]) / (r.std(dim=1) + eps)
+        adv = torch.zeros_like(r).scatter_(1, idx[:, :1], gap[:, None])
+    return adv.flatten().to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(P,) bool: groups whose rewards are all equal (they carry no learning signal)."""
+    r = rewards.view(-1, group_size)
+    return (r == r[:, :1]).all(dim=1)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimates of KL(π || π_ref) from samples of π. With d = lp_ref − lp:
+
+    k1 = −d = lp − lp_ref               (unbiased, high variance, can be negative)
+    k2 = ½ d²                           (biased, low variance, ≥ 0)
+    k3 = exp(d) − d − 1                 (unbiased, low variance, ≥ 0; Schulman's estimator, used by GRPO)
+    No clamping: values are returned as computed.
+    """
+    d = ref_logp - logp
+    if kind == "k1":
+        return -d
+    if kind == "k2":
+        return 0.5 * d * d
+    if kind == "k3":
+        return torch.exp(d) - d - 1
+    raise ValueError(f"kl kind must be one of {KL_KINDS}, got {kind!r}")
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, *, norm_length: float | None = None,
+              n_tokens: float | None = None, n_seqs: float | None = None) -> torch.Tensor:
+    """Reduce per-token values (B, T) to a scalar.
+
+    token-mean:              Σ_{i,t} m·v / n_tokens
+    seq-mean-token-mean:     Σ_i (Σ_t m·v / Σ_t m) / n_seqs          (the original GRPO)
+    seq-mean-token-sum:      Σ_i Σ_t m·v / n_seqs
+    seq-mean-token-sum-norm: Σ_i Σ_t m·v / (n_seqs · norm_length)     (Dr. GRPO; norm_length a constant,
+                                                                      by default the mask's width T)
+    n_tokens / n_seqs default to this batch's counts. Pass the *global* counts (all micro-batches, all
+    ranks) and sum the micro-batch results: the total is then independent of how the batch was split.
+    """
+    m = mask.to(values.dtype)
+    n_tokens = m.sum() if n_tokens is None else n_tokens
+    n_seqs = m.shape[0] if n_seqs is None else n_seqs
+    if agg == "token-mean":
+        return (values * m).sum() / max(float(n_tokens), 1.0)
+    if agg == "seq-mean-token-mean":
+        return ((values * m).sum(-1) / m.sum(-1).clamp(min=1)).sum() / max(float(n_seqs), 1.0)
+    if agg == "seq-mean-token-sum":
+        return (values * m).sum() / max(float(n_seqs), 1.0)
+    if agg == "seq-mean-token-sum-norm":
+        L = float(norm_length if norm_length is not None else mask.shape[-1])
+        return (values * m).sum() / (max(float(n_seqs), 1.0) * L)
+    raise ValueError(f"agg must be one of {AGGS}, got {agg!r}")
+
+
+def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip_high: float = 0.2,
+                dual_clip: float | None = None, ratio_level: str = "token", agg: str = "token-mean",
+                norm_length: float | None = None, n_tokens=None, n_seqs=None, weights=None):
+    """The clipped surrogate (policy_loss = "ppo"). logp, old_logp, mask: (B, T); advantages: (B,).
+    Returns (loss, stats).
+
+    ratio_level "token":    ρ_{i,t} = exp(lp_{i,t} − lp_old_{i,t})
+    ratio_level "sequence": ρ_{i,t} = s_i = exp(Σ_t m·(lp − lp_old) / Σ_t m)   (GSPO)
+    ℓ_{i,t} = max(−A_i ρ, −A_i clip(ρ, 1 − clip_low, 1 + clip_high))            (PPO; DAPO when high > low)
+    dual clip (c = dual_clip > 1): for A_i < 0, ℓ ← min(ℓ, −c·A_i)              (bounds the loss of
+                                                                                 huge ratios on bad samples)
+    loss = aggregate(w·ℓ, mask, agg, ...)  — see `aggregate`; w: rollout-correction weights (detached), or 1.
+    stats (0-d float64 tensors): clip_frac_low (ρ < 1 − clip_low with A < 0: the clip removed the gradient),
+    clip_frac_high (ρ > 1 + clip_high with A > 0), dual_clip_frac, ratio_mean / ratio_max / ratio_min over
+    masked tokens (1 when the mask is empty).
+    """
+    if ratio_level not in ("token", "sequence"):
+        raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
+    m = mask.to(logp.dtype)
+    log_ratio = (logp - old_logp) * m
+    if ratio_level == "token":
+        ratio = torch.exp(log_ratio)
+    else:
+        seq = log_ratio.sum(-1) / m.sum(-1).clamp(min=1)  # (B,)
+        ratio = torch.exp(seq)[:, None].expand_as(logp)
+    A = advantages.to(logp.dtype)[:, None]  # (B, 1)
+    unclipped = -A * ratio
+    clipped = -A * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    loss_tok = torch.maximum(unclipped, clipped)
+    dual = torch.zeros_like(loss_tok, dtype=torch.bool)
+    if dual_clip is not None:
+        if dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        bound = -A * dual_clip
+        dual = (A < 0) & (loss_tok > bound)
+        loss_tok = torch.where(A < 0, torch.minimum(loss_tok, bound), loss_tok)
+    if weights is not None:
+        loss_tok = loss_tok * weights
+    loss = aggregate(loss_tok, mask, agg, norm_length=norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
+    with torch.no_grad():
+        mb = mask.bool()
+        stats = {"clip_frac_low": _frac((ratio < 1 - clip_low) & (A < 0), mb),
+                 "clip_frac_high": _frac((ratio > 1 + clip_high) & (A > 0), mb),
+                 "dual_clip_frac": _frac(dual, mb), **_ratio_stats(ratio, mb)}
+    return loss, stats
+
+
+def _frac(x: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
+    """Fraction of masked positions where x holds, a 0-d float64 tensor (no sync)."""
+    return (x & mb).sum().double() / mb.sum().clamp(min=1).double()
+
+
+def _ratio_stats(ratio: torch.Tensor, mb: torch.Tensor) -> dict:
+    """ratio_mean / ratio_max / ratio_min over masked positions (1 when the mask is empty), no sync."""
+    r, some = ratio.detach().double(), mb.any()
+    return {"ratio_mean": torch.where(some, (r * mb).sum() / mb.sum().clamp(min=1).double(), 1.0),
+            "ratio_max": torch.where(some, r.masked_fill(~mb, -torch.inf).max(), 1.0),
+            "ratio_min": torch.where(some, r.masked_fill(~mb, torch.inf).min(), 1.0)}
+
+
+# ---- policy-loss variants (grpo.policy_loss; "ppo" is `policy_loss` above) ----
+# Each returns (loss, stats) like `policy_loss`, takes the same aggregation arguments and the same optional
+# rollout-correction weights (multiplied into the per-token loss, as verl does), and follows verl 0.9.1's
+# core_algos; where it differs, its docstring says so.
+
+POLICY_LOSSES = ("ppo", "cispo", "gmpo", "sapo", "clip_cov", "kl_cov")
+LOG_RATIO_BOUND = 20.0  # log-ratios are clamped to ±20 before exp where verl does (cispo, sapo, IS weights)
+
+
+def _weighted(loss_tok, mask, agg, weights, **counts):
+    """aggregate(w · ℓ): the per-token loss times the rollout-correction weights (when given)."""
+    return aggregate(loss_tok if weights is None else loss_tok * weights, mask, agg, **counts)
+
+
+@torch.no_grad()
+def _unclipped_stats(ratio, mask) -> dict:
+    zero = torch.zeros((), dtype=torch.float64, device=ratio.device)
+    return {"clip_frac_low": zero, "clip_frac_high": zero, **_ratio_stats(ratio, mask.bool())}
+
+
+def cispo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, agg="token-mean",
+               norm_length=None, n_tokens=None, n_seqs=None, weights=None):
+    """CISPO (MiniMax-M1): clip the importance weight, not the update, and stop its gradient:
+
+        ρ = exp(clamp(lp − lp_old, ±20)),   ℓ_{i,t} = −sg(clip(ρ, 1 − clip_low, 1 + clip_high)) · A_i · lp_{i,t}
+
+    so every token keeps a gradient (∇ℓ = −sg(ρ̂)·A·∇lp); only its weight is bounded. clip_frac_low/high:
+    tokens whose ρ was clipped from below / above (whatever the sign of A)."""
+    m = mask.to(logp.dtype)
+    ratio = torch.exp(((logp - old_logp) * m).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+    A = advantages.to(logp.dtype)[:, None]
+    loss_tok = -torch.clamp(ratio, 1 - clip_low, 1 + clip_high).detach() * A * logp
+    loss = _weighted(loss_tok, mask, agg, weights, norm_length=norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
+    with torch.no_grad():
+        mb = mask.bool()
+        stats = {"clip_frac_low": _frac(ratio < 1 - clip_low, mb), "clip_frac_high": _frac(ratio > 1 + clip_high, mb),
+                 **_ratio_stats(ratio, mb)}
+    return loss, stats
+
+
+def gmpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.4, clip_high=0.4, n_seqs=None, weights=None,
+              **_agg):
+    """GMPO (geometric-mean policy optimisation): one ratio per sequence, the geometric mean of its token
+    ratios, each clipped in log space on the side the advantage pushes:
+
+        d_{i,t} = lp − lp_old,   d̂ = sign(A_i) · min(sign(A_i)·d, sign(A_i)·clamp(d, −clip_low, clip_high))
+        ρ_i = exp(Σ_t m·d̂ / (Σ_t m + 1e-8)),   ℓ_i = −A_i · ρ_i · w_i,   loss = Σ_i ℓ_i / n_seqs
+
+    w_i: the geometric mean of the row's rollout-correction weights. The loss is a mean over sequences
+    whatever `grpo.loss_agg` says (as in verl, whose GMPO ignores loss_agg_mode); n_seqs is the global
+    count, so micro-batches and ranks sum to the mini-batch mean. Unlike verl, a row with no completion
+    tokens (truncation = mask) contributes 0, not −A_i (its empty mean would make ρ_i = 1). The GMPO paper's clip range is wide
+    (e^±0.4); psyche passes grpo.clip_low/high. clip_frac_high / _low: tokens whose d was clamped, with A > 0 / A < 0."""
+    m = mask.to(logp.dtype)
+    d = (logp - old_logp) * m
+    sgn = torch.sign(advantages.to(logp.dtype))[:, None]
+    d_clamp = torch.clamp(d, -clip_low, clip_high)
+    d_min = sgn * torch.minimum(sgn * d, sgn * d_clamp)
+    n_tok = m.sum(-1)
+    ratio = torch.exp((d_min * m).sum(-1) / (n_tok + 1e-8))  # (B,)
+    A = advantages.to(logp.dtype)
+    loss_seq = -A * ratio * (n_tok > 0).to(logp.dtype)
+    if weights is not None:
+        loss_seq = loss_seq * torch.exp((torch.log(weights + 1e-10) * m).sum(-1) / (n_tok + 1e-8))
+    loss = loss_seq.sum() / max(float(n_seqs if n_seqs is not None else len(A)), 1.0)
+    with torch.no_grad():
+        mb = mask.bool()
+        clipped = d != d_clamp
+        stats = {"clip_frac_low": _frac(clipped & (A < 0)[:, None], mb),
+                 "clip_frac_high": _frac(clipped & (A > 0)[:, None], mb),
+                 **_ratio_stats(ratio[:, None].expand_as(logp), mb)}
+    return loss, stats
+
+
+def sapo_loss(logp, old_logp, advantages, mask, *, tau_pos=1.0, tau_neg=1.05, agg="seq-mean-token-mean",
+              norm_length=None, n_tokens=None, n_seqs=None, weights=None):
+    """SAPO (soft adaptive policy optimisation): a smooth gate in place of the hard clip,
+
+        ρ = exp(clamp(lp − lp_old, ±20)),   τ = τ_pos if A_i > 0 else τ_neg,
+        f(ρ) = σ(τ·(ρ − 1)) · 4/τ,   ℓ_{i,t} = −f(ρ_{i,t}) · A_i
+
+    (∇f = ρ·σ'·4 → the gradient fades smoothly as ρ leaves 1; τ_neg > τ_pos damps negative updates faster).
+    verl always aggregates SAPO as seq-mean-token-mean; psyche uses `grpo.loss_agg` (its configs/tiny-grpo-
+    sapo.toml sets seq-mean-token-mean). No clipping: clip fractions are 0."""
+    m = mask.to(logp.dtype)
+    ratio = torch.exp(((logp - old_logp) * m).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+    A = advantages.to(logp.dtype)[:, None]
+    tau = torch.where(A > 0, torch.as_tensor(tau_pos, dtype=logp.dtype), torch.as_tensor(tau_neg, dtype=logp.dtype))
+    loss_tok = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * A
+    loss = _weighted(loss_tok, mask, agg, weights, norm_length=norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
+    return loss, _unclipped_stats(ratio, mask)
+
+
+def token_covariance(advantages, logp, mask, reduce=None) -> torch.Tensor:
+    """cov_{i,t} = (A_i − Ā)(lp_{i,t} − l̄p) per completion token (B, T), the means over the mask of the whole
+    mini-batch (`reduce` sums over ranks): the entropy-mechanism paper's measure of which tokens drive the
+    entropy collapse (a confident token with a high advantage)."""
+    reduce = reduce or _one_process
+    m = mask.to(torch.float64)
+    A = advantages.double()[:, None].expand_as(m)
+    n, sa, sl = reduce([m.sum(), (A * m).sum(), (logp.double() * m).sum()])
+    return (A - sa / max(n, 1.0)) * (logp.double() - sl / max(n, 1.0))
+
+
+def cov_select(kind: str, cov, mask, *, ratio: float, lb: float = 1.0, ub: float = 5.0, excluded=None,
+               generator=None, gather=None, rank: int = 0) -> torch.Tensor:
+    """The tokens (B, T) bool that Clip-Cov cuts or KL-Cov penalises, from their covariance `cov`:
+
+        clip_cov: k = max(⌊ratio·n⌋, 1) tokens drawn at random among those with lb < cov < ub (and not
+                  `excluded`: tokens the PPO clip already cuts);
+        kl_cov:   the k = max(⌊ratio·n⌋, 1) tokens of largest cov.
+
+    n counts the mini-batch's completion tokens on every rank; `gather` (psyche.dist.all_gather_object)
+    collects every rank's candidates in rank order (this one is `rank`), so the choice is that of one process holding the whole
+    mini-batch. verl makes this choice per micro-batch from the current log-probs; psyche makes it once per
+    mini-batch, before its update (see psyche.grpo.step.update_policy), so micro-batching and the number of
+    ranks do not change it. Random draws use `generator` (the same seed on every rank)."""
+    gather = gather or (lambda x: [x])
+    mb = mask.bool()
+    if kind == "clip_cov":
+        cand = mb & (cov > lb) & (cov < ub)
+        if excluded is not None:
+            cand = cand & ~excluded
+        local = cand.nonzero()  # (c, 2) row-major
+        parts = gather((int(mb.sum()), local.shape[0]))
+        n = sum(p[0] for p in parts)
+        k = max(int(ratio * n), 1)
+        total = sum(p[1] for p in parts)
+        pick = torch.randperm(total, generator=generator)[: min(k, total)] if total else torch.zeros(0, dtype=torch.long)
+        offset = sum(p[1] for p in parts[:rank])
+        mine = pick[(pick >= offset) & (pick < offset + local.shape[0])] - offset
+        out = torch.zeros_like(mb)
+        idx = local[mine.to(local.device)]
+        out[idx[:, 0], idx[:, 1]] = True
+        return out
+    if kind == "kl_cov":
+        vals = cov[mb]  # row-major
+        parts = gather(vals.cpu())
+        allv = torch.cat(parts) if parts else vals.cpu()
+        if allv.numel() == 0:
+            return torch.zeros_like(mb)
+        k = max(1, int(allv.numel() * ratio))
+        top = torch.topk(allv, min(k, allv.numel()), largest=True).indices
+        offset = sum(p.numel() for p in parts[:rank])
+        mine = top[(top >= offset) & (top < offset + vals.numel())] - offset
+        flat = torch.zeros(vals.numel(), dtype=torch.bool)
+        flat[mine] = True
+        out = torch.zeros_like(mb)
+        out[mb] = flat.to(mb.device)
+        return out
+    raise ValueError(f"cov selection kind must be clip_cov or kl_cov, got {kind!r}")
+
+
+def clip_cov_loss(logp, old_logp, advantages, mask, selected, *, clip_low=0.2, clip_high=0.2, agg="token-mean",
+                  norm_length=None, n_tokens=None, n_seqs=None, weights=None):
+    """Clip-Cov: the PPO loss with the gradient of the `selected` tokens (cov_select) cut:
+
+        ℓ_{i,t} = max(−A ρ, −A clip(ρ, 1 − clip_low, 1 + clip_high)) · (0 if selected else 1)
+
+    cov_frac: the fraction of tokens cut; clip_frac_low/high as for ppo."""
+    loss_tok, stats = _ppo_tokens(logp, old_logp, advantages, mask, clip_low, clip_high)
+    loss_tok = loss_tok * (~selected).to(loss_tok.dtype)
+    loss = _weighted(loss_tok, mask, agg, weights, norm_length=norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
+    stats["cov_frac"] = _frac(selected, mask.bool())
+    return loss, stats
+
+
+def kl_cov_loss(logp, old_logp, advantages, mask, selected, *, coef=0.1, agg="token-mean", norm_length=None,
+                n_tokens=None, n_seqs=None, weights=None):
+    """KL-Cov: the unclipped policy gradient, plus a penalty on how far the `selected` tokens moved:
+
+        ℓ_{i,t} = −A_i ρ_{i,t} + coef · |lp − lp_old|_{i,t} · [selected]
+
+    (no clip at all: the penalty on the high-covariance tokens is what keeps the entropy up). cov_frac: the
+    fraction of tokens penalised."""
+    m = mask.to(logp.dtype)
+    log_ratio = (logp - old_logp) * m
+    ratio = torch.exp(log_ratio)
+    A = advantages.to(logp.dtype)[:, None]
+    loss_tok = -A * ratio + coef * log_ratio.abs() * selected.to(logp.dtype)
+    loss = _weighted(loss_tok, mask, agg, weights, norm_length=norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
+    return loss, {**_unclipped_stats(ratio, mask), "cov_frac": _frac(selected, mask.bool())}
+
+
+def _ppo_tokens(logp, old_logp, advantages, mask, clip_low, clip_high):
+    m = mask.to(logp.dtype)
+    ratio = torch.exp((logp - old_logp) * m)
+    A = advantages.to(logp.dtype)[:, None]
+    loss_tok = torch.maximum(-A * ratio, -A * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+    with torch.no_grad():
+        mb = mask.bool()
+        stats = {"clip_frac_low": _frac((ratio < 1 - clip_low) & (A < 0), mb),
+                 "clip_frac_high": _frac((ratio > 1 + clip_high) & (A > 0), mb), **_ratio_stats(ratio, mb)}
+    return loss_tok, stats
+
+
+# ---- rollout correction (grpo.rollout_correction) ----
+
+ROLLOUT_CORRECTIONS = ("none", "tis", "seq_tis", "mis", "seq_mis")
+
+
+def rollout_correction(trainer_logp, sampler_logp, mask, mode: str, *, threshold: float = 2.0, low: float = 0.5):
+    """Importance weights against the sampler-trainer mismatch (the sampler's kernels, batch shapes or
+    precision make its π_sampler differ from the π_old the trainer computes for the same weights):
+
+        δ_{i,t} = lp_old − lp_sampler;   token: w = exp(clamp(δ, ±20));   sequence: w_i = exp(clamp(Σ_t m·δ, ±20))
+        tis / seq_tis:  w ← min(w, threshold)                         (truncated IS)
+        mis / seq_mis:  w ← w · [low ≤ w ≤ threshold]                  (masked IS, IcePop: tokens or whole
+                                                                        sequences outside the band get 0)
+    -> (weights (B, T), detached, 0 off the mask; stats). As verl's compute_rollout_correction_weights with
+    rollout_is = token | sequence and threshold "C" (TIS) or "low_C" (IcePop). With lp_old == lp_sampler
+    every weight is exactly 1. stats: rc/weight_mean, rc/weight_max (over completion tokens),
+    rc/truncated_frac (tokens whose weight was truncated: w > threshold), rc/masked_frac (tokens given 0),
+    rc/seq_truncated_frac, rc/seq_masked_frac (the same for sequences: any of their tokens)."""
+    if mode not in ROLLOUT_CORRECTIONS or mode == "none":
+        raise ValueError(f"rollout correction must be one of {ROLLOUT_CORRECTIONS[1:]}, got {mode!r}")
+    with torch.no_grad():
+        dt = torch.promote_types(trainer_logp.dtype, torch.float32)  # fp32 at least (bf16 log-probs are coarse)
+        m = mask.to(dt)
+        mb = mask.bool()
+        delta = (trainer_logp.to(dt) - sampler_logp.to(dt)) * m
+        if mode.startswith("seq_"):
+            raw = torch.exp(delta.sum(-1, keepdim=True).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)).expand_as(m)
+        else:
+            raw = torch.exp(delta.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+        raw = raw * m
+        if mode.endswith("tis"):
+            w = raw.clamp(max=threshold)
+            truncated, dropped = (raw > threshold) & mb, torch.zeros_like(mb)
+        else:
+            keep = (raw >= low) & (raw <= threshold)
+            w = torch.where(keep, raw, torch.zeros_like(raw))
+            truncated, dropped = torch.zeros_like(mb), ~keep & mb
+        wd = w.double()
+        stats = {"rc/weight_mean": (wd * m).sum() / m.sum().clamp(min=1),
+                 "rc/weight_max": torch.where(mb.any(), wd.masked_fill(~mb, -torch.inf).max(), 1.0),
+                 "rc/truncated_frac": _frac(truncated, mb), "rc/masked_frac": _frac(dropped, mb),
+                 "rc/seq_truncated_frac": truncated.any(-1).double().sum() / max(mask.shape[0], 1),
+                 "rc/seq_masked_frac": dropped.any(-1).double().sum() / max(mask.shape[0], 1)}
+    return w, stats
+
+
+def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Full-vocabulary KL(π || π_ref) per position from logits (..., V) -> (...). The yardstick for k1-k3."""
+    lp = torch.log_softmax(logits.float() / temperature, -1)
+    lq = torch.log_softmax(ref_logits.float() / temperature, -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+# ---- the objective ----
+
+@dataclass
+class LossConfig:
+    """The knobs of one update, as plain values (a view of the run config's grpo section)."""
+
+    temperature: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    ratio_level: str = "token"
+    agg: str = "token-mean"
+    norm_length: float | None = None
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    kl_in_loss: bool = True
+    entropy_coef: float = 0.0
+    policy_loss: str = "ppo"
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 0.0002
+    kl_cov_coef: float = 0.1
+    rollout_correction: str = "none"
+    rc_threshold: float = 2.0
+    rc_low: float = 0.5
+
+
+def surrogate(name: str, lp, old, advantages, mask, lc: LossConfig, *, agg: str, weights=None, selected=None,
+              **counts):
+    """The policy term of the loss under policy loss `name` (one of POLICY_LOSSES), with lc's parameters
+    -> (loss, stats). selected: the tokens cov_select chose, for clip_cov and kl_cov."""
+    kw = dict(agg=agg, weights=weights, **counts)
+    if name == "ppo":
+        return policy_loss(lp, old, advantages, mask, clip_low=lc.clip_low, clip_high=lc.clip_high,
+                           dual_clip=lc.dual_clip, ratio_level=lc.ratio_level, **kw)
+    if name == "cispo":
+        return cispo_loss(lp, old, advantages, mask, clip_low=lc.clip_low, clip_high=lc.clip_high, **kw)
+    if name == "gmpo":
+        return gmpo_loss(lp, old, advantages, mask, clip_low=lc.clip_low, clip_high=lc.clip_high, **kw)
+    if name == "sapo":
+        return sapo_loss(lp, old, advantages, mask, tau_pos=lc.sapo_tau_pos, tau_neg=lc.sapo_tau_neg, **kw)
+    if name in ("clip_cov", "kl_cov"):
+        if selected is None:
+            raise ValueError(f"policy loss {name!r} needs its token selection (RolloutBatch.cov_selected)")
+        if name == "clip_cov":
+            return clip_cov_loss(lp, old, advantages, mask, selected, clip_low=lc.clip_low,
+                                 clip_high=lc.clip_high, **kw)
+        return kl_cov_loss(lp, old, advantages, mask, selected, coef=lc.kl_cov_coef, **kw)
+    raise ValueError(f"policy loss must be one of {POLICY_LOSSES}, got {name!r}")
+
+
+def objective(lp, ent, b, lc: LossConfig, n_tokens, n_seqs, *, agg: str | None = None, mask=None,
+              policy: str | None = None):
+    """The GRPO loss of one micro-batch `b` (a psyche.grpo.RolloutBatch) from its per-token log-probs lp and
+    entropies ent (B, T) under the current policy -> (terms, stats):
+
+        w    = rollout_correction(lp_old, lp_sampler)    (when grpo.rollout_correction is not "none"; else 1)
+        pg   = surrogate(policy, lp, lp_old, A, mask, w)  (lp_old = lp.detach() when the batch has none: on-policy)
+        kl   = agg(k(lp, lp_ref))                        (only when the batch has reference log-probs)
+        H    = agg(entropy)
+        loss = pg + β·kl·[kl_in_loss] − c_H·H
+
+    terms: {"pg", "kl" (with a reference), "entropy", "loss"}, 0-d tensors with their graph; stats: the
+    policy loss's statistics (and the rollout correction's). Every term is aggregated with the global counts
+    n_tokens / n_seqs (all micro-batches, all ranks), so the micro-batch losses sum to the mini-batch loss
+    exactly, and a mask that keeps some rows splits the loss (and its gradient) by rows. Training calls this
+    with the config's `agg` and policy loss; the diagnostics call it with the others for their
+    counterfactuals."""
+    mask = b.mask if mask is None else mask
+    agg = agg or lc.agg
+    policy = policy or lc.policy_loss
+    kw = dict(norm_length=lc.norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
+    old = b.old_logp if b.old_logp is not None else lp.detach()
+    weights, rc_stats = None, {}
+    if lc.rollout_correction != "none":
+        weights, rc_stats = rollout_correction(old, b.sampler_logp, mask, lc.rollout_correction,
+                                               threshold=lc.rc_threshold, low=lc.rc_low)
+    pg, stats = surrogate(policy, lp, old, b.advantages, mask, lc, agg=agg, weights=weights,
+                          selected=b.cov_selected.get(policy), **kw)
+    stats.update(rc_stats)
+    terms = {"pg": pg}
+    loss = pg
+    if b.ref_logp is not None:
+        terms["kl"] = aggregate(kl_estimate(lp, b.ref_logp, lc.kl_kind), mask, agg, **kw)
+        if lc.kl_coef and lc.kl_in_loss:
+            loss = loss + lc.kl_coef * terms["kl"]
+    terms["entropy"] = aggregate(ent, mask, agg, **kw)
+    if lc.entropy_coef:
+        loss = loss - lc.entropy_coef * terms["entropy"]
+    terms["loss"] = loss
+    return terms, stats

@@ -78,11 +78,30 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """Every row of RUN_DIR/metrics.jsonl."""
+    """Every row of RUN_DIR/metrics.jsonl. A last line cut short (a run killed while writing it) is skipped;
+    any other line that is not a JSON object is a DataError naming the file and line."""
     path = Path(run_dir) / METRICS_NAME
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                break  # cut short by a kill: the step is redone on resume
+            from psyche.data import DataError
+
+            raise DataError(f"{path}:{i}: not a metrics row ({e.msg})") from None
+        if not isinstance(row, dict):
+            from psyche.data import DataError
+
+            raise DataError(f"{path}:{i}: not a metrics row (a JSON {type(row).__name__}, not an object)")
+        rows.append(row)
+    return rows
 
 
 # ---- the step line ----

@@ -134,3 +134,14 @@ def test_replay_command_and_check(dumped_run, tmp_path):
     (bad / "logged.json").write_text(json.dumps(logged))
     r = CliRunner().invoke(main, ["replay", str(bad), "--check"])
     assert r.exit_code == 1 and "!= logged" in r.output
+
+
+def test_read_metrics_skips_a_cut_last_line_and_names_a_bad_one(tmp_path):
+    from psyche.data import DataError
+    from psyche.metrics import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl:2: not a metrics row"):
+        read_metrics(tmp_path)

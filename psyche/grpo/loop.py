@@ -423,12 +423,12 @@ def run_grpo(cfg: RunConfig) -> Path:
         if gc.truncation == "mask":
             apply_truncation_mask(b)
         first = FirstForward(gc.kl_kind) if b.old_logp is None else None
-        dumped = (save_step_dump(run.dir, step, b, cfg=cfg, lc=lc, update_kw=upd_kw, model=policy,
+        step_kw = {**upd_kw, "seed": cfg.run.seed * SEED_MULT + step * STEP_MULT}  # (Clip-Cov's draw)
+        dumped = (save_step_dump(run.dir, step, b, cfg=cfg, lc=lc, update_kw=step_kw, model=policy,
                                  optimizer=run.optimizer, scheduler=run.scheduler) if replay_due(gc, step) else None)
         diag = StepDiagnostics(lc, grad_split=gc.grad_split) if gc.diagnostics or gc.grad_split else None
-        upd = update_policy(policy, run.optimizer, b, lc, **upd_kw, clip_fn=dist.clip_grad_norm_,
-                            on_first_forward=first, diag=diag, amp=run.amp,
-                            seed=cfg.run.seed * SEED_MULT + step * STEP_MULT)
+        upd = update_policy(policy, run.optimizer, b, lc, **step_kw, clip_fn=dist.clip_grad_norm_,
+                            on_first_forward=first, diag=diag, amp=run.amp)
         if first is not None:
             metrics.update(first.metrics())
         lr = run.optimizer.param_groups[0]["lr"]

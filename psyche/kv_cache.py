@@ -89,3 +89,27 @@ class KVCache:
         self.k = self.k[:, rows]
         self.v = self.v[:, rows]
         self.set_lengths(self.lengths[rows])
+
+
+class StaticKVCache(KVCache):
+    """The same buffers, seen whole: every forward attends over all max_len slots (slots past a row's length
+    are masked off), and the lengths live only on the device. Shapes never change during a decode and
+    nothing syncs with the host, so one decode step can be compiled and replayed (psyche.sampler's static
+    path). Costs attention over max_len slots per step instead of the slots written so far."""
+
+    def visible_len(self, T: int) -> int:
+        return self.max_len
+
+    @property
+    def uniform(self) -> bool:
+        return False
+
+    @property
+    def empty(self) -> bool:
+        return False
+
+    def _sync(self):
+        pass  # no host mirror of the lengths
+
+    def keep(self, rows):
+        raise NotImplementedError("a static cache keeps its batch: finished rows are masked, not dropped")

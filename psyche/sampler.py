@@ -13,15 +13,27 @@ Randomness: each completion row r has its own seed; at step t it draws one unifo
 and takes the token by inverse CDF. A row's samples therefore do not depend on which other rows share the
 batch, which rows have finished, or the device: G rows of one prompt equal G single-row runs with the
 same row seeds.
+
+Two decode paths, one contract (the same Rollout, per-row seeds, log-probs, stop tokens kept):
+- eager (`generate`'s reference path): the cache's visible length grows, finished rows are compacted away,
+  the host checks every token whether rows ended. Every feature (streaming, cancellation, per-row limits).
+- static: a fixed batch over a preallocated cache seen whole (StaticKVCache), positions, stop flags and
+  lengths on the device, one `static_step` per token that `torch.compile` can compile whole (and, on CUDA,
+  replay as a CUDA graph), and a host check of "all rows done" every STOP_CHECK_EVERY tokens only.
+`generate(..., path=...)` chooses: "eager", "static" (uncompiled), "compiled", or "auto" (the default: the
+environment variable PSYCHE_SAMPLER if set, else "compiled" on CUDA and "eager" on CPU, where compiling costs
+tens of seconds per new shape). Calls that stream (on_token) or cancel rows (should_end) always run eager.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
 
-from psyche.kv_cache import KVCache
+from psyche.kv_cache import KVCache, StaticKVCache
 
 _MASK64 = (1 << 64) - 1
 
@@ -57,7 +69,7 @@ def row_seeds(seed: int, n_rows: int, device="cpu") -> torch.Tensor:
 
 def uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
     """One U[0, 1) per row for decode step `step`, float64."""
-    h = splitmix64(seeds ^ splitmix64(torch.full_like(seeds, step)))
+    h = splitmix64(seeds ^ splitmix64(torch.zeros_like(seeds) + step))  # step: an int or a 0-d tensor
     return _lsr(h, 11).double() / float(1 << 53)
 
 
@@ -121,11 +133,91 @@ def decode_one_token(model, cache: KVCache, tokens: torch.Tensor) -> torch.Tenso
     return logits
 
 
+STOP_CHECK_EVERY = 8  # static path: tokens between the host's checks whether every row has ended (one sync)
+CACHE_BUCKET = 128  # static path: cache lengths are rounded up to this, so similar calls share a compiled step
+PATHS = ("auto", "eager", "static", "compiled")
+
+
+def static_step(model, cache: StaticKVCache, tok, t, seeds, alive, lengths, finished, tokens, logprobs, stop,
+                limit, pad_id: int, temperature: float, top_k: int, top_p: float, min_p: float):
+    """Decode step t of the static path, all on the device: feed each row's last token, sample the next one,
+    and record it in place for the rows still alive -> the sampled tokens (B,).
+
+    tok (B,) last tokens; t 0-d long tensor; alive / finished (B,) bool; lengths (B,) long; tokens, logprobs
+    (B, max_new_tokens) the outputs; stop (S,) stop ids; limit (B,) per-row token budgets. A row that has
+    ended still runs (the batch is fixed) but nothing of it is recorded."""
+    logits = model(tok[:, None], kv_cache=cache)[:, -1]
+    cache.lengths += 1
+    return record_step(logits, t, seeds, alive, lengths, finished, tokens, logprobs, stop, limit, pad_id,
+                       temperature, top_k, top_p, min_p)
+
+
+def record_step(logits, t, seeds, alive, lengths, finished, tokens, logprobs, stop, limit, pad_id: int,
+                temperature: float, top_k: int, top_p: float, min_p: float):
+    u = uniforms(seeds, t) if temperature > 0 else None
+    new, lp = sample(logits, u, temperature, top_k, top_p, min_p)
+    col = t.view(1)
+    tokens.index_copy_(1, col, torch.where(alive, new, pad_id)[:, None])
+    logprobs.index_copy_(1, col, torch.where(alive, lp, 0.0)[:, None])
+    lengths.add_(alive.long())
+    hit = alive & torch.isin(new, stop)
+    finished.logical_or_(hit)
+    alive.logical_and_(~hit & (lengths < limit))
+    return new
+
+
+_COMPILED = {}
+HEAD_LAYOUT_MIN = 1 << 22  # lm_head weights of at least this many elements get the column-major decode copy
+
+
+@contextlib.contextmanager
+def cpu_head_layout(model):
+    """On CPU, logits = h @ Wᵀ with W (V, C) stored row-major (as a tied embedding is) is a slow BLAS case for
+    a few rows h: with W stored column-major the same product runs 1.8x faster at V = 151,936, C = 896
+    (0.5B-shaped decode step 89 -> 60 ms on this 2-core machine; bench/sampler.py). For the duration of a
+    generate call the head uses a column-major copy of its weight (same values; one extra copy of the head
+    in memory); the model's own parameters are untouched. Unsharded CPU models with a large head only."""
+    head = getattr(model, "lm_head", None)
+    w = getattr(head, "weight", None)
+    from psyche.dist import is_sharded
+
+    if (w is None or w.device.type != "cpu" or w.numel() < HEAD_LAYOUT_MIN or type(w) is not torch.nn.Parameter
+            or is_sharded(model)):
+        yield
+        return
+    head.weight = torch.nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
+    try:
+        yield
+    finally:
+        head.weight = w
+
+
+def _compiled(fn):
+    """fn compiled whole (fullgraph, static shapes); on CUDA also replayed as a CUDA graph."""
+    if fn not in _COMPILED:
+        mode = "reduce-overhead" if torch.cuda.is_available() else None
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+    return _COMPILED[fn]
+
+
+def resolve_path(path: str, device: torch.device) -> str:
+    if path not in PATHS:
+        raise ValueError(f"sampler path must be one of {PATHS}, got {path!r}")
+    if path == "auto":
+        path = os.environ.get("PSYCHE_SAMPLER", "auto")
+        if path not in PATHS:
+            raise ValueError(f"PSYCHE_SAMPLER={path!r}: must be one of {PATHS}")
+    if path == "auto":
+        return "compiled" if device.type == "cuda" else "eager"
+    return path
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, stop_token_ids=None, seed: int = 0,
              pad_id: int = 0, seeds: torch.Tensor | None = None, compact_below: float = 0.75,
-             on_token=None, row_max_tokens: torch.Tensor | None = None, should_end=None) -> Rollout:
+             on_token=None, row_max_tokens: torch.Tensor | None = None, should_end=None,
+             path: str = "auto") -> Rollout:
     """Sample n completions for each prompt (lists of token ids, any lengths).
 
     stop_token_ids: a row ends when it emits any of them (the stop token is kept in the completion).
@@ -136,7 +228,15 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
     row_max_tokens: optional (N,) per-row limits (<= max_new_tokens): a row ends after that many tokens.
     should_end: optional callback(row_ids (B,)) -> (B,) bool, before each sampling step: rows to end now
         (a server's cancelled requests). A row ended by a limit or by should_end is not `finished`.
+    path: "auto" | "eager" | "static" | "compiled" (see the module docstring).
     """
+    with cpu_head_layout(model):
+        return _generate(model, prompts, n, max_new_tokens, temperature, top_p, top_k, min_p, stop_token_ids,
+                         seed, pad_id, seeds, compact_below, on_token, row_max_tokens, should_end, path)
+
+
+def _generate(model, prompts, n, max_new_tokens, temperature, top_p, top_k, min_p, stop_token_ids, seed, pad_id,
+              seeds, compact_below, on_token, row_max_tokens, should_end, path) -> Rollout:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     device = model.lm_head.weight.device
@@ -148,8 +248,14 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
         raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"max_position_embeddings ({model.config.max_position_embeddings})")
 
+    path = resolve_path(path, device)
+    if on_token is not None or should_end is not None:
+        path = "eager"  # a callback per token needs the host every token
     small = KVCache.for_model(model, P, longest)
     logits = prefill(model, small, prompts).repeat_interleave(n, dim=0)  # (N, V)
+    if path != "eager":
+        return _decode_static(model, small, logits, P, n, max_new_tokens, temperature, top_p, top_k, min_p, stop,
+                              seeds, pad_id, row_max_tokens, compiled=path == "compiled")
     cache = KVCache.for_model(model, N, longest + max_new_tokens)
     cache.fork_from(small, n)
     del small
@@ -190,6 +296,39 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
             rows, alive, step_tok = rows[keep], alive[keep], step_tok[keep]
         # finished rows not yet compacted away are fed a pad token; their outputs are never read
         logits = decode_one_token(model, cache, step_tok)
+    L = int(lengths.max())
+    mask = torch.arange(max_new_tokens, device=device)[None, :] < lengths[:, None]
+    return Rollout(tokens=tokens[:, :L].masked_fill(~mask[:, :L], pad_id), logprobs=(logprobs * mask)[:, :L],
+                   mask=mask[:, :L], lengths=lengths, finished=finished,
+                   prompt_index=torch.arange(P, device=device).repeat_interleave(n))
+
+
+def _decode_static(model, small, logits, P, n, max_new_tokens, temperature, top_p, top_k, min_p, stop, seeds,
+                   pad_id, row_max_tokens, compiled: bool) -> Rollout:
+    """The static path of `generate` after the prefill: a fixed batch of N rows over a StaticKVCache of a
+    bucketed length, one static_step per token, the host asking "all done?" every STOP_CHECK_EVERY tokens."""
+    N, device = P * n, logits.device
+    S = min(-(-(small.max_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET,
+            model.config.max_position_embeddings)
+    cache = StaticKVCache.for_model(model, N, S)
+    cache.fork_from(small, n)
+    del small
+    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
+    lengths = torch.zeros(N, dtype=torch.long, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    alive = torch.ones(N, dtype=torch.bool, device=device)
+    limit = torch.full((N,), max_new_tokens, dtype=torch.long, device=device) if row_max_tokens is None \
+        else row_max_tokens.to(device, torch.long).clamp(max=max_new_tokens)
+    step = _compiled(static_step) if compiled else static_step
+    args = dict(pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    t0 = torch.zeros((), dtype=torch.long, device=device)
+    tok = record_step(logits, t0, seeds, alive, lengths, finished, tokens, logprobs, stop, limit, **args)
+    for t in range(1, max_new_tokens):
+        if t % STOP_CHECK_EVERY == 0 and not bool(alive.any()):
+            break
+        tok = step(model, cache, tok, torch.full((), t, dtype=torch.long, device=device), seeds, alive, lengths,
+                   finished, tokens, logprobs, stop, limit, **args)
     L = int(lengths.max())
     mask = torch.arange(max_new_tokens, device=device)[None, :] < lengths[:, None]
     return Rollout(tokens=tokens[:, :L].masked_fill(~mask[:, :L], pad_id), logprobs=(logprobs * mask)[:, :L],

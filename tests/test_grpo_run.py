@@ -154,7 +154,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
 
 
 def test_bf16_compute_runs_grpo_under_the_same_autocast_as_sft(tmp_path, monkeypatch):
-    """model.dtype = bfloat16 on one unsharded process: every forward of SFT's step and of GRPO's rollouts,
+    """model.dtype = bfloat16 on one unsharded process (CPU here; CUDA where there is one): every forward of SFT's step and of GRPO's rollouts,
     reference / old log-probs and update runs under bf16 autocast (the shared run skeleton's `amp`), while the
     master weights and the optimizer state stay fp32."""
     import torch
@@ -166,9 +166,10 @@ def test_bf16_compute_runs_grpo_under_the_same_autocast_as_sft(tmp_path, monkeyp
 
     seen = []
 
-    def spy(module, args):
+    def spy(module, args):  # (on a CUDA machine the stages run there: the same check, CUDA autocast)
         if isinstance(module, Qwen2):
-            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+            dev = module.model.embed_tokens.weight.device.type
+            seen.append((torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev),
                          module.model.embed_tokens.weight.dtype, torch.is_grad_enabled()))
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(spy)

@@ -143,3 +143,86 @@ def test_errors(pair):
         generate(m, [[1], []])
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(m, [[1, 2]], max_new_tokens=10_000)
+
+
+# ---- the static path (StaticKVCache + one static_step per token) against the eager reference ----
+
+STATIC_CASES = [
+    dict(temperature=0.0),
+    dict(temperature=1.0, n=3, top_p=0.9, stop_token_ids=[5, 7]),
+    dict(temperature=0.8, n=2, top_k=5, stop_token_ids=[3], row_max_tokens=torch.tensor([4, 9, 20, 20, 6, 6, 2, 30])),
+]
+RAGGED = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14]]
+
+
+def _same_rollout(a, b):
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+    assert torch.equal(a.finished, b.finished) and torch.equal(a.mask, b.mask)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", STATIC_CASES, ids=["greedy", "groups-top_p-stops", "top_k-row_limits"])
+def test_static_path_equals_eager(kw):
+    m = build_model(tiny_config(vocab=40), seed=1).eval()
+    _same_rollout(generate(m, RAGGED, max_new_tokens=30, path="static", **kw),
+                  generate(m, RAGGED, max_new_tokens=30, path="eager", **kw))
+
+
+def test_compiled_path_equals_eager_and_transformers(pair):
+    """One compiled step (torch.compile, fullgraph, static shapes; ~15 s to compile on 2 cores): greedy
+    tokens equal the eager path's and transformers', sampled tokens and log-probs the eager path's."""
+    hf, ours = pair
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    greedy = generate(ours, prompts, max_new_tokens=12, temperature=0.0, path="compiled")
+    _same_rollout(greedy, generate(ours, prompts, max_new_tokens=12, temperature=0.0, path="eager"))
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):], att[i, T - len(p):] = torch.tensor(p), 1
+    with torch.no_grad():
+        want = hf.generate(ids, attention_mask=att, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)[:, T:]
+    assert torch.equal(greedy.tokens, want)
+    kw = dict(temperature=1.0, n=2, top_p=0.9, stop_token_ids=[5], max_new_tokens=12)
+    _same_rollout(generate(ours, prompts, path="compiled", **kw), generate(ours, prompts, path="eager", **kw))
+
+
+def test_path_setting(monkeypatch):
+    from psyche.sampler import resolve_path
+
+    cpu = torch.device("cpu")
+    assert resolve_path("auto", cpu) == "eager" and resolve_path("auto", torch.device("cuda")) == "compiled"
+    monkeypatch.setenv("PSYCHE_SAMPLER", "static")
+    assert resolve_path("auto", cpu) == "static" and resolve_path("eager", cpu) == "eager"
+    monkeypatch.setenv("PSYCHE_SAMPLER", "fast")
+    with pytest.raises(ValueError, match="PSYCHE_SAMPLER='fast'"):
+        resolve_path("auto", cpu)
+    m = build_model(tiny_config(vocab=40), seed=1).eval()
+    seen = []  # streaming needs the host every token: such calls run eager whatever the setting
+    monkeypatch.setenv("PSYCHE_SAMPLER", "static")
+    r = generate(m, RAGGED, max_new_tokens=5, temperature=0.0, on_token=lambda t, rows, tok: seen.append(t))
+    assert seen == list(range(5)) and r.tokens.shape == (4, 5)
+
+
+def test_cpu_head_layout_changes_the_layout_only(monkeypatch):
+    """The decode-time column-major copy of a large lm_head (forced here on a tiny model) leaves the tokens,
+    the log-probs and the model's own (tied) parameters as they were."""
+    import psyche.sampler as sampler
+
+    m = build_model(tiny_config(vocab=40), seed=1).eval()
+    head = m.lm_head.weight
+    kw = dict(max_new_tokens=12, temperature=1.0, n=2, stop_token_ids=[5])
+    before = generate(m, RAGGED, **kw)
+    monkeypatch.setattr(sampler, "HEAD_LAYOUT_MIN", 0)
+    inside = []
+    monkeypatch.setattr(sampler, "_generate", lambda model, *a: (inside.append(model.lm_head.weight.stride()),
+                                                                  before)[1])
+    generate(m, RAGGED, **kw)
+    assert inside == [(1, head.shape[0])]  # column-major during the call
+    assert m.lm_head.weight is head  # restored
+    if m.config.tie_word_embeddings:
+        assert m.lm_head.weight is m.model.embed_tokens.weight  # still tied
+    monkeypatch.undo()
+    monkeypatch.setattr(sampler, "HEAD_LAYOUT_MIN", 0)
+    _same_rollout(generate(m, RAGGED, **kw), before)

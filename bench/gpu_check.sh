@@ -5,8 +5,9 @@
 #
 # 1. the GPU tests (tests/test_gpu.py, -m gpu)        4. bench/logprobs.py (peak memory; 1 round)
 # 2. tests/test_kernels.py (compiled kernels, CUDA)   5. bench/sft.py --parts step
-# 3. bench/triton_kernels.py (with torch.compile)     6. bench/sampler.py
-#                                                     7. bench/logprobs.py at 7B's hidden size, if time is left
+# 3. bench/triton_kernels.py (with torch.compile)     6. bench/sampler.py (eager, compiled, transformers)
+#                                                     7. bench/grpo_step.py (bf16; eager vs compiled sampler)
+#                                                     8. bench/logprobs.py at 7B's hidden size, if time is left
 #
 # Each step runs under `timeout` (its process group is killed when its budget is spent), its output goes to
 # OUT_DIR/<step>.log, and the next step runs whatever happened. OUT_DIR/summary.tsv has one line per step:
@@ -100,7 +101,8 @@ step test-kernels 50 "$PY" -m pytest -q -rfEs ${TIMEOUT_OPT[@]+"${TIMEOUT_OPT[@]
 step bench-kernels 70 "$PY" bench/triton_kernels.py
 step bench-logprobs 30 "$PY" bench/logprobs.py --repeat 1
 step bench-sft-step 90 "$PY" bench/sft.py --parts step
-step bench-sampler 45 "$PY" bench/sampler.py
+step bench-sampler 75 "$PY" bench/sampler.py
+step bench-grpo-step 60 "$PY" bench/grpo_step.py --set model.dtype=bfloat16
 step bench-logprobs-7b 60 "$PY" bench/logprobs.py --repeat 1 --tokens 8192 --hidden 3584
 
 echo "=== summary ($(($(date +%s) - START))s of ${TOTAL}s)"

@@ -296,8 +296,13 @@ def _generate(model, prompts, n, max_new_tokens, temperature, top_p, top_k, min_
             rows, alive, step_tok = rows[keep], alive[keep], step_tok[keep]
         # finished rows not yet compacted away are fed a pad token; their outputs are never read
         logits = decode_one_token(model, cache, step_tok)
-    L = int(lengths.max())
-    mask = torch.arange(max_new_tokens, device=device)[None, :] < lengths[:, None]
+    return _rollout(tokens, logprobs, lengths, finished, P, n, pad_id)
+
+
+def _rollout(tokens, logprobs, lengths, finished, P: int, n: int, pad_id: int) -> Rollout:
+    """The (N, max_new_tokens) outputs of a decode, cut to the longest completion and masked past each end."""
+    L, device = int(lengths.max()), tokens.device
+    mask = torch.arange(tokens.shape[1], device=device)[None, :] < lengths[:, None]
     return Rollout(tokens=tokens[:, :L].masked_fill(~mask[:, :L], pad_id), logprobs=(logprobs * mask)[:, :L],
                    mask=mask[:, :L], lengths=lengths, finished=finished,
                    prompt_index=torch.arange(P, device=device).repeat_interleave(n))
@@ -329,11 +334,7 @@ def _decode_static(model, small, logits, P, n, max_new_tokens, temperature, top_
             break
         tok = step(model, cache, tok, torch.full((), t, dtype=torch.long, device=device), seeds, alive, lengths,
                    finished, tokens, logprobs, stop, limit, **args)
-    L = int(lengths.max())
-    mask = torch.arange(max_new_tokens, device=device)[None, :] < lengths[:, None]
-    return Rollout(tokens=tokens[:, :L].masked_fill(~mask[:, :L], pad_id), logprobs=(logprobs * mask)[:, :L],
-                   mask=mask[:, :L], lengths=lengths, finished=finished,
-                   prompt_index=torch.arange(P, device=device).repeat_interleave(n))
+    return _rollout(tokens, logprobs, lengths, finished, P, n, pad_id)
 
 
 @torch.no_grad()

@@ -3,17 +3,10 @@
     psyche serve ckpt/ --port 8000            # http://127.0.0.1:8000/v1/chat/completions, /v1/models
 
 Two parts:
-- `Engine`: runs generation requests through `sampler.generate`, whose rows can end early (their own
-  max_tokens, or a cancelled request). Requests that share sampling settings (temperature,
-  top_p, top_k, min_p) run as rows of one batch; each row has its own seed and its own max_tokens, so a row's
-  output is what `sampler.generate` gives for it alone (per-row seeds make rows independent of their batch
-  mates). A row leaves the batch when it ends: its stop token, its own max_tokens, or its request cancelled
-  (a client that disconnected); left rows are dropped from the KV cache like finished ones, a batch whose
-  rows have all left ends at once, and a cancelled request still in the queue is never started.
-  `Engine.run` is synchronous (the pipeline's local backend uses it); `Engine.start` adds a queue and one
-  worker thread that gathers whatever is waiting into one batch, which is how concurrent HTTP requests get
-  batched.
-- The HTTP layer (standard library ThreadingHTTPServer, one thread per connection, HTTP/1.0: a connection
+- `Engine` (psyche/engine.py): runs generation requests through `sampler.generate` as rows of one batch; a
+  row leaves the batch when it ends: its stop token, its own max_tokens, or its request cancelled (a client
+  that disconnected).
+- The HTTP layer (this file) (standard library ThreadingHTTPServer, one thread per connection, HTTP/1.0: a connection
   carries one request): validates each request strictly and answers errors as OpenAI-style JSON
   {"error": {"message", "type", "param", "code"}} with a 4xx status, then keeps serving. With an API key
   (--api-key or PSYCHE_API_KEY) every request must carry `Authorization: Bearer <key>` (401 otherwise), as
@@ -48,220 +41,19 @@ import random
 import select
 import socket
 import sys
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import click
+
+from psyche.engine import Engine, GenRequest, Overloaded  # noqa: F401 (re-exported: the engine behind the server)
 
 MAX_N = 16
 API_KEY_ENV = "PSYCHE_API_KEY"
 ROLES = ("system", "user", "assistant")
 FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
           "n", "seed", "stream", "stream_options", "stop", "user"}
-
-
-# ---------------------------------------------------------------- engine
-
-@dataclass
-class GenRequest:
-    """One prompt, n rows sampled from it. Filled in by the engine; `done` is set when every row ended."""
-    prompt: list[int]
-    max_tokens: int
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int = 0  # row j's sampler seed is row_seeds(seed, n)[j]
-    on_token: object = None  # optional callback(row j, token id), called from the engine's thread
-    tokens: list = field(default_factory=list)  # n lists of token ids (the stop token included)
-    finished: list = field(default_factory=list)  # n bools: ended on a stop token
-    error: str | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    cancelled: threading.Event = field(default_factory=threading.Event)  # set by `cancel`: nobody waits for it
-
-    def sampling_key(self):
-        return (self.temperature, self.top_p, self.top_k, self.min_p)
-
-    def cancel(self):
-        """The client went away: the engine stops this request's rows (or never starts them) and sets `done`."""
-        self.cancelled.set()
-
-
-class Overloaded(RuntimeError):
-    pass
-
-
-class Engine:
-    """Batches generation requests through the sampler (see the module docstring)."""
-
-    def __init__(self, model, tokenizer, max_rows: int = 32, max_queue: int = 256, gather_s: float = 0.002):
-        self.model, self.tok = model, tokenizer
-        self.max_rows, self.gather_s = max_rows, gather_s
-        self.max_len = model.config.max_position_embeddings
-        self.stop_ids = set(tokenizer.stop_ids)
-        self.queue: queue.Queue = queue.Queue(max_queue)
-        self.lock = threading.Lock()  # one generate call at a time
-        self.calls, self.rows_max = 0, 0  # statistics: sampler batches, most rows in one batch
-        self.cancelled, self.rows_freed = 0, 0  # cancelled requests; rows that left a batch before their end
-        self._thread = None
-        self._pending: list[GenRequest] = []
-
-    # ---- synchronous core ----
-    def run(self, requests: list[GenRequest]):
-        """Generate every request (blocking). Requests are grouped by sampling settings and split so that each
-        batch has at most max_rows rows and fits the context: longest prompt + largest max_tokens <= max_len."""
-        groups: dict[tuple, list[GenRequest]] = {}
-        for r in requests:
-            r.tokens, r.finished = [[] for _ in range(r.n)], [False] * r.n
-            if r.cancelled.is_set():  # its client left while it waited: never started
-                self.cancelled += 1
-                r.done.set()
-                continue
-            if len(r.prompt) + r.max_tokens > self.max_len or not r.prompt or r.max_tokens < 1:
-                self._fail(r, f"prompt ({len(r.prompt)}) + max_tokens ({r.max_tokens}) does not fit the context "
-                              f"({self.max_len})")
-                continue
-            groups.setdefault(r.sampling_key(), []).append(r)
-        for reqs in groups.values():
-            batch, longest, most = [], 0, 0
-            for r in sorted(reqs, key=lambda r: len(r.prompt)):
-                lo, mo = max(longest, len(r.prompt)), max(most, r.max_tokens)
-                if batch and (lo + mo > self.max_len or sum(b.n for b in batch) + r.n > self.max_rows):
-                    self._generate(batch)
-                    batch, lo, mo = [], len(r.prompt), r.max_tokens
-                batch.append(r)
-                longest, most = lo, mo
-            if batch:
-                self._generate(batch)
-
-    def _generate(self, batch: list[GenRequest]):
-        import torch
-
-        owner = [(r, j) for r in batch for j in range(r.n)]  # row -> (request, sample index)
-        try:
-            with self.lock, torch.no_grad():
-                self.calls += 1
-                self.rows_max = max(self.rows_max, len(owner))
-                self._decode(batch, owner)
-        except Exception as e:  # a failed batch fails its requests, not the engine
-            for r in batch:
-                if not r.done.is_set():
-                    self._fail(r, f"generation failed: {type(e).__name__}: {e}")
-        for r in batch:
-            r.done.set()
-
-    def _decode(self, batch: list[GenRequest], owner: list[tuple]):
-        """One `sampler.generate` call over the rows `owner`: each row ends at its stop token, at its own
-        max_tokens or when its request is cancelled (a client that disconnected), and leaves the KV cache
-        with the finished ones; a request is done when all its rows have ended."""
-        import torch
-
-        from psyche.sampler import generate, row_seeds
-
-        s = batch[0]
-        seeds = torch.cat([row_seeds(r.seed, r.n) for r in batch])
-        limits = torch.tensor([r.max_tokens for r, _ in owner])
-        left = {id(r): r.n for r in batch}  # rows still running, per request
-        ended = [False] * len(owner)
-
-        def end(i):
-            ended[i] = True
-            r, j = owner[i]
-            if r.cancelled.is_set() and not (r.finished[j] or len(r.tokens[j]) >= r.max_tokens):
-                self.rows_freed += 1
-            left[id(r)] -= 1
-            if left[id(r)] == 0:
-                if r.cancelled.is_set():
-                    self.cancelled += 1
-                r.done.set()
-
-        def on_token(step, rows, toks):
-            for i, token in zip(rows.tolist(), toks.tolist()):
-                r, j = owner[i]
-                r.tokens[j].append(token)
-                r.finished[j] = token in self.stop_ids
-                if r.on_token is not None:
-                    r.on_token(j, token)
-                if r.finished[j] or len(r.tokens[j]) >= r.max_tokens:
-                    end(i)
-
-        def should_end(rows):
-            out = []
-            for i in rows.tolist():
-                gone = not ended[i] and owner[i][0].cancelled.is_set()
-                if gone:
-                    end(i)
-                out.append(gone)
-            return out
-
-        generate(self.model, [r.prompt for r, _ in owner], max_new_tokens=int(limits.max()),
-                 temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
-                 stop_token_ids=sorted(self.stop_ids), pad_id=self.tok.pad_id, seeds=seeds, on_token=on_token,
-                 row_max_tokens=limits, should_end=should_end)
-
-    @staticmethod
-    def _fail(r: GenRequest, msg: str):
-        r.error = msg
-        r.done.set()
-
-    # ---- threaded front ----
-    def start(self):
-        self._thread = threading.Thread(target=self._loop, name="psyche-engine", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self):
-        if self._thread is not None:
-            self.queue.put(None)
-            self._thread.join(timeout=30)
-            self._thread = None
-
-    def submit(self, r: GenRequest) -> GenRequest:
-        """Queue a request for the worker thread; raises Overloaded when the queue is full."""
-        try:
-            self.queue.put_nowait(r)
-        except queue.Full:
-            raise Overloaded("the server is busy (request queue full); retry later") from None
-        return r
-
-    def _loop(self):
-        while True:
-            batch = self._pending
-            self._pending = []
-            if not batch:
-                r = self.queue.get()
-                if r is None:
-                    return
-                batch = [r]
-                time.sleep(self.gather_s)  # let requests that arrive together share the batch
-            rows = sum(r.n for r in batch)
-            while rows < self.max_rows:
-                try:
-                    r = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if r is None:
-                    self.queue.put(None)
-                    break
-                if r.cancelled.is_set():  # its client left while it waited
-                    self.cancelled += 1
-                    r.done.set()
-                    continue
-                if rows + r.n > self.max_rows:
-                    self._pending.append(r)
-                    break
-                batch.append(r)
-                rows += r.n
-            try:
-                self.run(batch)
-            except Exception as e:  # never let one bad batch end the worker
-                for r in batch:
-                    if not r.done.is_set():
-                        self._fail(r, f"{type(e).__name__}: {e}")
 
 
 # ---------------------------------------------------------------- request validation

@@ -84,7 +84,7 @@ class LocalBackend(Backend):
                  top_k: int = 0, min_p: float = 0.0, name: str | None = None):
         from pathlib import Path
 
-        from psyche.serve import Engine
+        from psyche.engine import Engine
 
         if model is None:
             import torch
@@ -106,7 +106,7 @@ class LocalBackend(Backend):
         self.name = name or (f"local:{Path(model_dir).name}" if model_dir is not None else "local")
 
     def complete(self, messages_batch, *, temperature=0.7, top_p=0.9, max_tokens=512, seeds=None):
-        from psyche.serve import GenRequest
+        from psyche.engine import GenRequest
 
         tok, max_len = self.engine.tok, self.engine.max_len
         seeds = seeds if seeds is not None else [stable_seed(m) for m in messages_batch]

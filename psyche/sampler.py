@@ -260,12 +260,8 @@ def _generate(model, prompts, n, max_new_tokens, temperature, top_p, top_k, min_
     cache.fork_from(small, n)
     del small
 
-    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
-    lengths = torch.zeros(N, dtype=torch.long, device=device)
-    finished = torch.zeros(N, dtype=torch.bool, device=device)
-    rows = torch.arange(N, device=device)  # (B,) the completion each cache row belongs to
-    alive = torch.ones(N, dtype=torch.bool, device=device)  # (B,) cache rows still generating
+    tokens, logprobs, lengths, finished, alive = _outputs(N, max_new_tokens, pad_id, device)
+    rows = torch.arange(N, device=device)  # (B,) the completion each cache row belongs to; alive: rows generating
     for t in range(max_new_tokens):
         live = alive.nonzero().squeeze(-1)
         if should_end is not None:  # the caller's rows to end before this step (cancelled requests)
@@ -299,6 +295,15 @@ def _generate(model, prompts, n, max_new_tokens, temperature, top_p, top_k, min_
     return _rollout(tokens, logprobs, lengths, finished, P, n, pad_id)
 
 
+def _outputs(N: int, max_new_tokens: int, pad_id: int, device):
+    """A decode's output buffers: tokens (N, L) = pad, logprobs (N, L) = 0, lengths (N,) = 0, finished (N,) =
+    False, alive (N,) = True."""
+    return (torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device),
+            torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device),
+            torch.zeros(N, dtype=torch.long, device=device), torch.zeros(N, dtype=torch.bool, device=device),
+            torch.ones(N, dtype=torch.bool, device=device))
+
+
 def _rollout(tokens, logprobs, lengths, finished, P: int, n: int, pad_id: int) -> Rollout:
     """The (N, max_new_tokens) outputs of a decode, cut to the longest completion and masked past each end."""
     L, device = int(lengths.max()), tokens.device
@@ -318,11 +323,7 @@ def _decode_static(model, small, logits, P, n, max_new_tokens, temperature, top_
     cache = StaticKVCache.for_model(model, N, S)
     cache.fork_from(small, n)
     del small
-    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
-    lengths = torch.zeros(N, dtype=torch.long, device=device)
-    finished = torch.zeros(N, dtype=torch.bool, device=device)
-    alive = torch.ones(N, dtype=torch.bool, device=device)
+    tokens, logprobs, lengths, finished, alive = _outputs(N, max_new_tokens, pad_id, device)
     limit = torch.full((N,), max_new_tokens, dtype=torch.long, device=device) if row_max_tokens is None \
         else row_max_tokens.to(device, torch.long).clamp(max=max_new_tokens)
     step = _compiled(static_step) if compiled else static_step

@@ -34,7 +34,8 @@ def main():
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--with", dest="extra", action="append", default=[], metavar="KEY=V",
                    help="a setting for every cell (then every cell is rerun, the default's too)")
-    p.add_argument("--plot", help="write the GRPO training curves (accuracy, KL per step; mean and min-max over seeds) here")
+    p.add_argument("--plot", help="write the GRPO training curves here (accuracy, KL, entropy per step; mean and "
+                                  "min-max over seeds)")
     a = p.parse_args()
     key, values = a.knob.split("=", 1)
     values = values.split(",")
@@ -62,7 +63,8 @@ def main():
                     if not (d / part).exists():
                         os.symlink(main_run / part, d / part)
                 cmd = [sys.executable, "train.py", "--stage", "grpo", "--out", str(d), "--set", f"run.seed={s}",
-                       "--set", f"{key}={v}", "--set", "log.progress=false", *[x for e in a.extra for x in ("--set", e)]]
+                       "--set", f"{key}={v}", "--set", "log.progress=false",
+                       *[x for e in a.extra for x in ("--set", e)]]
                 with open(d / "grpo.log", "w") as f:
                     if subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode:
                         sys.exit(f"{' '.join(cmd)} failed; see {d / 'grpo.log'}")

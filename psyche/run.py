@@ -72,7 +72,8 @@ class Run:
     @property
     def precision(self) -> str:
         how = f"FSDP2 over {dist.get_world_size()} ranks" if dist.is_sharded(self.model) else "unsharded"
-        amp = "" if self.compute_dtype == torch.float32 else f" ({'MixedPrecisionPolicy' if dist.is_sharded(self.model) else 'autocast'}, fp32 master weights)"
+        by = "MixedPrecisionPolicy" if dist.is_sharded(self.model) else "autocast"
+        amp = "" if self.compute_dtype == torch.float32 else f" ({by}, fp32 master weights)"
         return f"compute {self.compute_dtype}{amp}, {how}"
 
     def resume(self, extra_models: dict | None = None) -> dict | None:

@@ -30,7 +30,8 @@ from psyche import dist
 from psyche.checkpoint import latest_checkpoint
 from psyche.config import RunConfig
 from psyche.data import DataError, format_mc_prompt, read_records
-from psyche.grpo.diagnostics import StepDiagnostics, kl_check, record_pass_rates, replay_due, save_logged, save_step_dump
+from psyche.grpo.diagnostics import (StepDiagnostics, kl_check, record_pass_rates, replay_due, save_logged,
+                                     save_step_dump)
 from psyche.grpo.step import (LossConfig, RolloutBatch, apply_truncation_mask, batched_logprobs, build_batch, combine,
                          combine_kind, compute_advantages, completion_kl, kl_estimate, logprob_gap, rollout_stats,
                          shape_rewards, update_policy, zero_std_groups)
@@ -143,7 +144,8 @@ def concat(batches: list[RolloutBatch]) -> RolloutBatch:
     return RolloutBatch(cat("input_ids", 0), cat("targets", -1), cat("mask", False), cat("sampler_logp", 0.0),
                         torch.cat([b.lengths for b in batches]), torch.cat([b.finished for b in batches]),
                         batches[0].group_size, torch.cat([b.rewards for b in batches]),
-                        reward_parts={k: torch.cat([b.reward_parts[k] for b in batches]) for k in batches[0].reward_parts},
+                        reward_parts={k: torch.cat([b.reward_parts[k] for b in batches])
+                                      for k in batches[0].reward_parts},
                         texts=lists("texts"), prompts=lists("prompts"), items=lists("items"),
                         prompt_ids=lists("prompt_ids"))
 

@@ -263,8 +263,9 @@ def gmpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.4, clip_high=0.4, 
     w_i: the geometric mean of the row's rollout-correction weights. The loss is a mean over sequences
     whatever `grpo.loss_agg` says (as in verl, whose GMPO ignores loss_agg_mode); n_seqs is the global
     count, so micro-batches and ranks sum to the mini-batch mean. Unlike verl, a row with no completion
-    tokens (truncation = mask) contributes 0, not −A_i (its empty mean would make ρ_i = 1). The GMPO paper's clip range is wide
-    (e^±0.4); psyche passes grpo.clip_low/high. clip_frac_high / _low: tokens whose d was clamped, with A > 0 / A < 0."""
+    tokens (truncation = mask) contributes 0, not −A_i (its empty mean would make ρ_i = 1). The GMPO paper's
+    clip range is wide (e^±0.4); psyche passes grpo.clip_low/high. clip_frac_high / _low: tokens whose d was
+    clamped, with A > 0 / A < 0."""
     m = mask.to(logp.dtype)
     d = (logp - old_logp) * m
     sgn = torch.sign(advantages.to(logp.dtype))[:, None]
@@ -325,10 +326,10 @@ def cov_select(kind: str, cov, mask, *, ratio: float, lb: float = 1.0, ub: float
         kl_cov:   the k = max(⌊ratio·n⌋, 1) tokens of largest cov.
 
     n counts the mini-batch's completion tokens on every rank; `gather` (psyche.dist.all_gather_object)
-    collects every rank's candidates in rank order (this one is `rank`), so the choice is that of one process holding the whole
-    mini-batch. verl makes this choice per micro-batch from the current log-probs; psyche makes it once per
-    mini-batch, before its update (see psyche.grpo.step.update_policy), so micro-batching and the number of
-    ranks do not change it. Random draws use `generator` (the same seed on every rank)."""
+    collects every rank's candidates in rank order (this one is `rank`), so the choice is that of one process
+    holding the whole mini-batch. verl makes this choice per micro-batch from the current log-probs; psyche
+    makes it once per mini-batch, before its update (see psyche.grpo.step.update_policy), so micro-batching
+    and the number of ranks do not change it. Random draws use `generator` (the same seed on every rank)."""
     gather = gather or (lambda x: [x])
     mb = mask.bool()
     if kind == "clip_cov":
@@ -340,7 +341,7 @@ def cov_select(kind: str, cov, mask, *, ratio: float, lb: float = 1.0, ub: float
         n = sum(p[0] for p in parts)
         k = max(int(ratio * n), 1)
         total = sum(p[1] for p in parts)
-        pick = torch.randperm(total, generator=generator)[: min(k, total)] if total else torch.zeros(0, dtype=torch.long)
+        pick = torch.randperm(total, generator=generator)[:k] if total else torch.zeros(0, dtype=torch.long)
         offset = sum(p[1] for p in parts[:rank])
         mine = pick[(pick >= offset) & (pick < offset + local.shape[0])] - offset
         out = torch.zeros_like(mb)

@@ -50,6 +50,10 @@ class RotaryEmbedding(nn.Module):
             self._table = t = (emb.cos(), emb.sin())
         return t
 
+    def reserve(self, n: int, device):
+        """Compute the tables for positions < n now (a compiled decode step must not see them grow)."""
+        self._tables(n, device)
+
     def forward(self, position_ids, dtype, max_pos: int | None = None):
         """position_ids (B, T) -> cos, sin (B, T, D) in `dtype`. `max_pos` (an upper bound on the ids)
         avoids a device sync when the caller knows it."""

@@ -134,7 +134,8 @@ def decode_one_token(model, cache: KVCache, tokens: torch.Tensor) -> torch.Tenso
 
 
 STOP_CHECK_EVERY = 8  # static path: tokens between the host's checks whether every row has ended (one sync)
-CACHE_BUCKET = 128  # static path: cache lengths are rounded up to this, so similar calls share a compiled step
+CACHE_MIN = 128  # static path: cache lengths are 2^k or 1.5 * 2^k from this (at most a third of the slots
+#                  wasted), so calls share a few compiled steps (each new length compiles once)
 PATHS = ("auto", "eager", "static", "compiled")
 
 
@@ -167,6 +168,7 @@ def record_step(logits, t, seeds, alive, lengths, finished, tokens, logprobs, st
 
 
 _COMPILED = {}
+_NOT_COMPILABLE: dict = {}  # fn -> why torch.compile could not take it (warned once, then run uncompiled)
 HEAD_LAYOUT_MIN = 1 << 22  # lm_head weights of at least this many elements get the column-major decode copy
 
 
@@ -315,26 +317,42 @@ def _rollout(tokens, logprobs, lengths, finished, P: int, n: int, pad_id: int) -
 
 def _decode_static(model, small, logits, P, n, max_new_tokens, temperature, top_p, top_k, min_p, stop, seeds,
                    pad_id, row_max_tokens, compiled: bool) -> Rollout:
-    """The static path of `generate` after the prefill: a fixed batch of N rows over a StaticKVCache of a
-    bucketed length, one static_step per token, the host asking "all done?" every STOP_CHECK_EVERY tokens."""
+    """The static path of `generate` after the prefill: a fixed batch of N rows over a StaticKVCache whose length
+    is bucketed (CACHE_MIN), one static_step per token, the host asking "all done?" every STOP_CHECK_EVERY
+    tokens."""
     N, device = P * n, logits.device
-    S = min(-(-(small.max_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET,
-            model.config.max_position_embeddings)
-    cache = StaticKVCache.for_model(model, N, S)
+    need, S = small.max_len + max_new_tokens, CACHE_MIN
+    while S < need:
+        S = S * 3 // 2 if S & (S - 1) == 0 else S * 4 // 3  # 128, 192, 256, 384, 512, 768, ...
+    S = min(S, model.config.max_position_embeddings)
+    model.model.rotary_emb.reserve(model.config.max_position_embeddings, device)  # a table that grew later would
+    cache = StaticKVCache.for_model(model, N, S)  # change a compiled step's inputs (a recompile)
     cache.fork_from(small, n)
     del small
     tokens, logprobs, lengths, finished, alive = _outputs(N, max_new_tokens, pad_id, device)
     limit = torch.full((N,), max_new_tokens, dtype=torch.long, device=device) if row_max_tokens is None \
         else row_max_tokens.to(device, torch.long).clamp(max=max_new_tokens)
-    step = _compiled(static_step) if compiled else static_step
+    step = _compiled(static_step) if compiled and static_step not in _NOT_COMPILABLE else static_step
     args = dict(pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     t0 = torch.zeros((), dtype=torch.long, device=device)
     tok = record_step(logits, t0, seeds, alive, lengths, finished, tokens, logprobs, stop, limit, **args)
     for t in range(1, max_new_tokens):
         if t % STOP_CHECK_EVERY == 0 and not bool(alive.any()):
             break
-        tok = step(model, cache, tok, torch.full((), t, dtype=torch.long, device=device), seeds, alive, lengths,
-                   finished, tokens, logprobs, stop, limit, **args)
+        t_ = torch.full((), t, dtype=torch.long, device=device)
+        try:
+            tok = step(model, cache, tok, t_, seeds, alive, lengths, finished, tokens, logprobs, stop, limit, **args)
+        except torch._dynamo.exc.TorchDynamoException as e:  # raised while tracing / compiling, before any
+            if step is static_step:  # op runs: nothing was written yet. E.g. an attention kernel dynamo cannot
+                raise  # trace (fullgraph). The step runs uncompiled from here on, the same numbers.
+            if static_step not in _NOT_COMPILABLE:
+                import warnings
+
+                warnings.warn(f"sampler: torch.compile cannot take the decode step ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); running it uncompiled", stacklevel=2)
+            _NOT_COMPILABLE[static_step] = e
+            step = static_step
+            tok = step(model, cache, tok, t_, seeds, alive, lengths, finished, tokens, logprobs, stop, limit, **args)
     return _rollout(tokens, logprobs, lengths, finished, P, n, pad_id)
 
 

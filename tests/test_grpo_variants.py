@@ -2,7 +2,7 @@
 reinforce_pp_baseline, opo, grpo_passk) and rollout correction (tis, seq_tis, mis, seq_mis). Each equals verl
 0.9.1 on random tensors (skipped without verl: it is a test-only reference, `pip install --no-deps verl==0.9.1`
 and what .ci/run installs beside it), has hand-computed edge cases, gives the same gradient whatever the
-micro-batching, and runs the tiny GRPO job logging its keys. 1 vs 2 ranks: test_grpo_run.py."""
+micro-batching and of the number of ranks (1 vs 2, torchrun), and runs the tiny GRPO job logging its keys."""
 
 import json
 import subprocess

@@ -226,3 +226,25 @@ def test_cpu_head_layout_changes_the_layout_only(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(sampler, "HEAD_LAYOUT_MIN", 0)
     _same_rollout(generate(m, RAGGED, **kw), before)
+
+
+def test_a_step_torch_compile_cannot_take_runs_uncompiled_with_a_warning(monkeypatch):
+    """E.g. an attention kernel dynamo cannot trace under fullgraph: the decode continues uncompiled, warned
+    once, with the same tokens as the eager path."""
+    import torch._dynamo
+
+    import psyche.sampler as sampler
+
+    def refuse(fn):
+        def compiled(*a, **k):
+            raise torch._dynamo.exc.Unsupported("a kernel dynamo cannot trace")
+        return compiled
+
+    monkeypatch.setattr(sampler, "_compiled", refuse)
+    monkeypatch.setattr(sampler, "_NOT_COMPILABLE", {})
+    m = build_model(tiny_config(vocab=40), seed=1).eval()
+    kw = dict(max_new_tokens=10, temperature=1.0, n=2, stop_token_ids=[5])
+    with pytest.warns(UserWarning, match="torch.compile cannot take the decode step"):
+        got = generate(m, RAGGED, path="compiled", **kw)
+    _same_rollout(got, generate(m, RAGGED, path="eager", **kw))
+    assert sampler.static_step in sampler._NOT_COMPILABLE  # later calls do not try again

@@ -203,12 +203,14 @@ def _compiled(fn):
 
 
 def resolve_path(path: str, device: torch.device) -> str:
+    from psyche.config import ConfigError
+
     if path not in PATHS:
         raise ValueError(f"sampler path must be one of {PATHS}, got {path!r}")
     if path == "auto":
         path = os.environ.get("PSYCHE_SAMPLER", "auto")
         if path not in PATHS:
-            raise ValueError(f"PSYCHE_SAMPLER={path!r}: must be one of {PATHS}")
+            raise ConfigError(f"PSYCHE_SAMPLER={path!r}: must be one of {', '.join(PATHS)}")
     if path == "auto":
         return "compiled" if device.type == "cuda" else "eager"
     return path

@@ -40,3 +40,13 @@ def psyche_from_hf(hf, cfg: ModelConfig, dtype=torch.float32):
     m.load_state_dict(sd, strict=True, assign=True)
     m.tie_weights()
     return m.eval()
+
+
+def left_padded(prompts):
+    """Prompts as transformers' batched generate wants them: (ids, attention_mask), both (B, T), left-padded."""
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):], att[i, T - len(p):] = torch.tensor(p), 1
+    return ids, att

@@ -40,7 +40,7 @@ import pytest
 import torch
 
 import kernels
-from helpers import hf_model, psyche_from_hf, tiny_config
+from helpers import hf_model, left_padded, psyche_from_hf, tiny_config
 from psyche.config import ModelConfig, OptimSection
 from psyche.model import build_model
 
@@ -437,11 +437,8 @@ def test_greedy_generation_equals_transformers_ragged_batch(pair):
     hf, m = pair
     r = generate(m, PROMPTS, max_new_tokens=16, temperature=0)
     assert r.tokens.device.type == DEVICE.type
-    T = max(len(p) for p in PROMPTS)
-    ids = torch.zeros(len(PROMPTS), T, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    for i, p in enumerate(PROMPTS):
-        ids[i, T - len(p):], att[i, T - len(p):] = torch.tensor(p), 1
+    ids, att = left_padded(PROMPTS)
+    T = ids.shape[1]
     with torch.no_grad():
         out = hf.generate(ids.to(DEVICE), attention_mask=att.to(DEVICE), max_new_tokens=16, do_sample=False,
                           pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import hf_model, psyche_from_hf, tiny_config
+from helpers import hf_model, left_padded, psyche_from_hf, tiny_config
 from psyche.kv_cache import KVCache
 from psyche.model import build_model
 from psyche.sampler import generate, sample, uniforms, row_seeds
@@ -21,11 +21,8 @@ def pair():
 def test_greedy_equals_transformers_ragged_batch(pair):
     hf, m = pair
     r = generate(m, PROMPTS, max_new_tokens=16, temperature=0)
-    T = max(len(p) for p in PROMPTS)
-    ids = torch.zeros(len(PROMPTS), T, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    for i, p in enumerate(PROMPTS):  # transformers wants left padding for batched generation
-        ids[i, T - len(p):], att[i, T - len(p):] = torch.tensor(p), 1
+    ids, att = left_padded(PROMPTS)  # transformers wants left padding for batched generation
+    T = ids.shape[1]
     out = hf.generate(ids, attention_mask=att, max_new_tokens=16, do_sample=False, pad_token_id=0,
                       eos_token_id=None)[:, T:]
     assert torch.equal(out, r.tokens)
@@ -175,11 +172,8 @@ def test_compiled_path_equals_eager_and_transformers(pair):
     prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
     greedy = generate(ours, prompts, max_new_tokens=12, temperature=0.0, path="compiled")
     _same_rollout(greedy, generate(ours, prompts, max_new_tokens=12, temperature=0.0, path="eager"))
-    T = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), T, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):], att[i, T - len(p):] = torch.tensor(p), 1
+    ids, att = left_padded(prompts)
+    T = ids.shape[1]
     with torch.no_grad():
         want = hf.generate(ids, attention_mask=att, max_new_tokens=12, min_new_tokens=12, do_sample=False,
                            pad_token_id=0, eos_token_id=None)[:, T:]

@@ -16,18 +16,23 @@ same row seeds.
 
 Two decode paths, one contract (the same Rollout, per-row seeds, log-probs, stop tokens kept):
 - eager (`generate`'s reference path): the cache's visible length grows, finished rows are compacted away,
-  the host checks every token whether rows ended. Every feature (streaming, cancellation, per-row limits).
-- static: a fixed batch over a preallocated cache seen whole (StaticKVCache), positions, stop flags and
-  lengths on the device, one `static_step` per token that `torch.compile` can compile whole (and, on CUDA,
-  replay as a CUDA graph), and a host check of "all rows done" every STOP_CHECK_EVERY tokens only.
+  the host looks at every token.
+- static: a batch of a few fixed sizes over a preallocated cache seen whole (StaticKVCache), positions, stop
+  flags and lengths on the device, one `static_step` per token that `torch.compile` can compile whole (and, on
+  CUDA, replay as a CUDA graph: its buffers are pooled, so the addresses stay), and one host sync every
+  STOP_CHECK_EVERY tokens, where the tokens since the last sync are streamed, cancelled rows end, and the
+  running rows move to a batch half the size once most have ended (rebucketing, instead of compaction).
+Both take every argument (streaming with on_token, cancelling with should_end, per-row limits); the static
+path hands the callbacks STOP_CHECK_EVERY tokens at a time, the eager one each token.
 `generate(..., path=...)` chooses: "eager", "static" (uncompiled), "compiled", or "auto" (the default: the
 environment variable PSYCHE_SAMPLER if set, else "compiled" on CUDA and "eager" on CPU, where compiling costs
-tens of seconds per new shape). Calls that stream (on_token) or cancel rows (should_end) always run eager.
+seconds per new shape).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -133,27 +138,42 @@ def decode_one_token(model, cache: KVCache, tokens: torch.Tensor) -> torch.Tenso
     return logits
 
 
-STOP_CHECK_EVERY = 8  # static path: tokens between the host's checks whether every row has ended (one sync)
+STOP_CHECK_EVERY = 8  # static path: tokens between the host's checks (one sync each): have all rows ended, which
+#                       rows to stream, cancel or drop
 CACHE_MIN = 128  # static path: cache lengths are 2^k or 1.5 * 2^k from this (at most a third of the slots
-#                  wasted), so calls share a few compiled steps (each new length compiles once)
+#                  wasted), so calls share a few compiled steps (each new shape compiles once)
+REBUCKET_MIN = 8  # static path: the batch is never rebucketed below this many rows (a decode step of 8 rows costs
+#                   about what one of 1 does on a GPU: the weights are read once either way)
+RECOMPILE_LIMIT = 64  # shapes a compiled decode step may take in one process (torch's default, 8, is too few for
+#                       batch sizes x cache lengths; under fullgraph, running past it is an error)
+POOL_MAX = 8  # static path: idle buffer sets kept for reuse (a CUDA graph replays on the addresses it recorded)
 PATHS = ("auto", "eager", "static", "compiled")
+
+
+def ladder(n: int, start: int) -> int:
+    """The smallest size >= n on the ladder start, ..., 2^k, 1.5 * 2^k, 2^(k+1), ... (doubling below 8)."""
+    s = start
+    while s < n:
+        s = s * 2 if s < 8 else s * 3 // 2 if s & (s - 1) == 0 else s * 4 // 3
+    return s
 
 
 def static_step(model, cache: StaticKVCache, tok, t, seeds, alive, lengths, finished, tokens, logprobs, stop,
                 limit, pad_id: int, temperature: float, top_k: int, top_p: float, min_p: float):
-    """Decode step t of the static path, all on the device: feed each row's last token, sample the next one,
-    and record it in place for the rows still alive -> the sampled tokens (B,).
+    """Decode step t of the static path, all on the device and all in place: feed each row's last token `tok`,
+    sample the next one into `tok`, record it for the rows still alive, t += 1.
 
     tok (B,) last tokens; t 0-d long tensor; alive / finished (B,) bool; lengths (B,) long; tokens, logprobs
-    (B, max_new_tokens) the outputs; stop (S,) stop ids; limit (B,) per-row token budgets. A row that has
-    ended still runs (the batch is fixed) but nothing of it is recorded."""
+    (B, L) the outputs; stop (S,) stop ids (-1 pads); limit (B,) per-row token budgets. A row that has ended
+    still runs (the batch is fixed) but nothing of it is recorded. Returns nothing: every input keeps its
+    address, so a CUDA graph of this step replays with no copies in or out."""
     logits = model(tok[:, None], kv_cache=cache)[:, -1]
     cache.lengths += 1
-    return record_step(logits, t, seeds, alive, lengths, finished, tokens, logprobs, stop, limit, pad_id,
-                       temperature, top_k, top_p, min_p)
+    record_step(logits, tok, t, seeds, alive, lengths, finished, tokens, logprobs, stop, limit, pad_id,
+                temperature, top_k, top_p, min_p)
 
 
-def record_step(logits, t, seeds, alive, lengths, finished, tokens, logprobs, stop, limit, pad_id: int,
+def record_step(logits, tok, t, seeds, alive, lengths, finished, tokens, logprobs, stop, limit, pad_id: int,
                 temperature: float, top_k: int, top_p: float, min_p: float):
     u = uniforms(seeds, t) if temperature > 0 else None
     new, lp = sample(logits, u, temperature, top_k, top_p, min_p)
@@ -164,7 +184,8 @@ def record_step(logits, t, seeds, alive, lengths, finished, tokens, logprobs, st
     hit = alive & torch.isin(new, stop)
     finished.logical_or_(hit)
     alive.logical_and_(~hit & (lengths < limit))
-    return new
+    tok.copy_(new)
+    t.add_(1)
 
 
 _COMPILED = {}
@@ -227,11 +248,14 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
     stop_token_ids: a row ends when it emits any of them (the stop token is kept in the completion).
     seeds: optional (N,) int64 per-row seeds overriding the ones derived from `seed`.
     compact_below: when fewer than this fraction of the cache's rows are still running, finished rows are
-        dropped from the cache so they stop costing compute.
-    on_token: optional callback(step, row_ids (B,), tokens (B,)) after each sampling step (for streaming).
+        dropped from the cache so they stop costing compute (static path: rebucketed; 0 never).
+    on_token: optional callback(step, row_ids (B,), tokens (B,)) for each sampling step, in order (streaming):
+        after the step on the eager path, at the next host sync (up to STOP_CHECK_EVERY steps later, CPU
+        tensors) on the static path.
     row_max_tokens: optional (N,) per-row limits (<= max_new_tokens): a row ends after that many tokens.
-    should_end: optional callback(row_ids (B,)) -> (B,) bool, before each sampling step: rows to end now
-        (a server's cancelled requests). A row ended by a limit or by should_end is not `finished`.
+    should_end: optional callback(row_ids (B,)) -> (B,) bool: rows to end now (a server's cancelled requests),
+        asked before each sampling step (eager) or at each host sync (static). A row ended by a limit or by
+        should_end is not `finished`.
     path: "auto" | "eager" | "static" | "compiled" (see the module docstring).
     """
     with cpu_head_layout(model):
@@ -253,13 +277,13 @@ def _generate(model, prompts, n, max_new_tokens, temperature, top_p, top_k, min_
                          f"max_position_embeddings ({model.config.max_position_embeddings})")
 
     path = resolve_path(path, device)
-    if on_token is not None or should_end is not None:
-        path = "eager"  # a callback per token needs the host every token
     small = KVCache.for_model(model, P, longest)
-    logits = prefill(model, small, prompts).repeat_interleave(n, dim=0)  # (N, V)
+    logits = prefill(model, small, prompts)  # (P, V)
     if path != "eager":
         return _decode_static(model, small, logits, P, n, max_new_tokens, temperature, top_p, top_k, min_p, stop,
-                              seeds, pad_id, row_max_tokens, compiled=path == "compiled")
+                              seeds, pad_id, row_max_tokens, on_token, should_end, compact_below,
+                              compiled=path == "compiled")
+    logits = logits.repeat_interleave(n, dim=0)  # (N, V)
     cache = KVCache.for_model(model, N, longest + max_new_tokens)
     cache.fork_from(small, n)
     del small
@@ -317,45 +341,177 @@ def _rollout(tokens, logprobs, lengths, finished, P: int, n: int, pad_id: int) -
                    prompt_index=torch.arange(P, device=device).repeat_interleave(n))
 
 
-def _decode_static(model, small, logits, P, n, max_new_tokens, temperature, top_p, top_k, min_p, stop, seeds,
-                   pad_id, row_max_tokens, compiled: bool) -> Rollout:
-    """The static path of `generate` after the prefill: a fixed batch of N rows over a StaticKVCache whose length
-    is bucketed (CACHE_MIN), one static_step per token, the host asking "all done?" every STOP_CHECK_EVERY
-    tokens."""
-    N, device = P * n, logits.device
-    need, S = small.max_len + max_new_tokens, CACHE_MIN
-    while S < need:
-        S = S * 3 // 2 if S & (S - 1) == 0 else S * 4 // 3  # 128, 192, 256, 384, 512, 768, ...
-    S = min(S, model.config.max_position_embeddings)
-    model.model.rotary_emb.reserve(model.config.max_position_embeddings, device)  # a table that grew later would
-    cache = StaticKVCache.for_model(model, N, S)  # change a compiled step's inputs (a recompile)
-    cache.fork_from(small, n)
-    del small
-    tokens, logprobs, lengths, finished, alive = _outputs(N, max_new_tokens, pad_id, device)
-    limit = torch.full((N,), max_new_tokens, dtype=torch.long, device=device) if row_max_tokens is None \
-        else row_max_tokens.to(device, torch.long).clamp(max=max_new_tokens)
-    step = _compiled(static_step) if compiled and static_step not in _NOT_COMPILABLE else static_step
-    args = dict(pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    t0 = torch.zeros((), dtype=torch.long, device=device)
-    tok = record_step(logits, t0, seeds, alive, lengths, finished, tokens, logprobs, stop, limit, **args)
-    for t in range(1, max_new_tokens):
-        if t % STOP_CHECK_EVERY == 0 and not bool(alive.any()):
-            break
-        t_ = torch.full((), t, dtype=torch.long, device=device)
-        try:
-            tok = step(model, cache, tok, t_, seeds, alive, lengths, finished, tokens, logprobs, stop, limit, **args)
-        except torch._dynamo.exc.TorchDynamoException as e:  # raised while tracing / compiling, before any
-            if step is static_step:  # op runs: nothing was written yet. E.g. an attention kernel dynamo cannot
-                raise  # trace (fullgraph). The step runs uncompiled from here on, the same numbers.
-            if static_step not in _NOT_COMPILABLE:
-                import warnings
+class _Slots:
+    """The device state of a static decode over B rows: a StaticKVCache of S slots and the per-row buffers that
+    static_step updates in place (room for L new tokens, Z stop ids). Sets are pooled by shape and reused,
+    so a compiled step sees the same addresses call after call (a CUDA graph replays on the addresses it
+    recorded; they are marked static for torch.compile). A set is used by one decode at a time."""
 
-                warnings.warn(f"sampler: torch.compile cannot take the decode step ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}); running it uncompiled", stacklevel=2)
-            _NOT_COMPILABLE[static_step] = e
-            step = static_step
-            tok = step(model, cache, tok, t_, seeds, alive, lengths, finished, tokens, logprobs, stop, limit, **args)
-    return _rollout(tokens, logprobs, lengths, finished, P, n, pad_id)
+    def __init__(self, model, B: int, S: int, L: int, Z: int):
+        p = model.lm_head.weight
+        self.cache = StaticKVCache.for_model(model, B, S)
+        new = functools.partial(torch.zeros, device=p.device)
+        self.tok, self.seeds, self.lengths, self.limit = (new(B, dtype=torch.long) for _ in range(4))
+        self.alive, self.finished = new(B, dtype=torch.bool), new(B, dtype=torch.bool)
+        self.tokens, self.logprobs = new(B, L, dtype=torch.long), new(B, L, dtype=torch.float32)
+        self.stop, self.t = new(Z, dtype=torch.long), new((), dtype=torch.long)
+        for x in self._all():
+            torch._dynamo.mark_static_address(x)
+        self.busy = False
+
+    def _all(self):
+        return (self.cache.k, self.cache.v, self.cache.lengths, *self.args())
+
+    def args(self):
+        """static_step's tensor arguments after the cache, in order."""
+        return (self.tok, self.t, self.seeds, self.alive, self.lengths, self.finished, self.tokens, self.logprobs,
+                self.stop, self.limit)
+
+    @property
+    def batch(self) -> int:
+        return self.tok.shape[0]
+
+    def take(self, src: "_Slots", idx: torch.Tensor, n: int):
+        """Become src's rows idx (B,): the first n are real, the rest pads (copies that are not alive)."""
+        for d, s in ((self.cache.k, src.cache.k), (self.cache.v, src.cache.v)):
+            torch.index_select(s, 1, idx, out=d)  # (layers, B, heads, S, D)
+        for d, s in zip((self.cache.lengths, *self.args()), (src.cache.lengths, *src.args())):
+            if d is self.t or d is self.stop:
+                d.copy_(s)
+            else:
+                torch.index_select(s, 0, idx, out=d)  # per-row buffers: (B,) or (B, L)
+        self.alive[n:] = False
+
+
+_POOL: dict[tuple, list[_Slots]] = {}
+
+
+def _acquire(model, B: int, S: int, L: int, Z: int) -> _Slots:
+    p, c = model.lm_head.weight, model.config
+    key = (p.device, p.dtype, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, B, S, L, Z)
+    for slots in _POOL.get(key, []):
+        if not slots.busy:
+            break
+    else:
+        idle = [(k, x) for k, xs in _POOL.items() for x in xs if not x.busy]
+        if sum(len(xs) for xs in _POOL.values()) >= POOL_MAX and idle:  # evict the oldest idle set
+            k, x = idle[0]
+            _POOL[k].remove(x)
+        slots = _Slots(model, B, S, L, Z)
+        _POOL.setdefault(key, []).append(slots)
+    slots.busy = True
+    for x in slots._all():
+        x.zero_()
+    return slots
+
+
+def release_buffers():
+    """Free the static path's pooled buffers (KV caches included). The next static decode allocates anew."""
+    _POOL.clear()
+
+
+def _decode_static(model, small, logits, P, n, max_new_tokens, temperature, top_p, top_k, min_p, stop, seeds,
+                   pad_id, row_max_tokens, on_token, should_end, compact_below, compiled: bool) -> Rollout:
+    """The static path of `generate` after the prefill (small: the prompts' cache, logits (P, V) their last
+    positions): the N = P * n rows padded to a batch B on the ladder, over a StaticKVCache whose length is on
+    the ladder from CACHE_MIN, one static_step per token. Every STOP_CHECK_EVERY tokens the host syncs once to
+    stream the tokens since the last check (on_token), end the rows should_end names, stop if no row is left,
+    and rebucket: when at most half the batch is still running (and fewer than compact_below of it), the
+    running rows move to a batch half the size or less (on the ladder, >= REBUCKET_MIN)."""
+    N, device = P * n, logits.device
+    S = min(ladder(small.max_len + max_new_tokens, CACHE_MIN), model.config.max_position_embeddings)
+    model.model.rotary_emb.reserve(model.config.max_position_embeddings, device)  # a table that grew later would
+    #                                                         change a compiled step's inputs (a recompile)
+    L, Z = ladder(max_new_tokens, 16), ladder(max(len(stop), 1), 1)
+    B = ladder(N, 1)
+    w = _acquire(model, B, S, L, Z)
+    src = (torch.arange(B, device=device) // n).clamp_(max=P - 1)  # each row's prompt (pads: the last one)
+    for d, s in ((w.cache.k, small.k), (w.cache.v, small.v)):
+        d[:, :, :, :small.max_len] = s.index_select(1, src)
+    w.cache.lengths.copy_(small.lengths[src])
+    del small
+    w.seeds[:N] = seeds
+    w.limit[:N] = max_new_tokens if row_max_tokens is None else \
+        row_max_tokens.to(device, torch.long).clamp(max=max_new_tokens)
+    w.alive[:N] = True
+    w.stop.fill_(-1)
+    w.stop[:len(stop)] = stop
+    out_tokens, out_logprobs, out_lengths, out_finished, _ = _outputs(N, max_new_tokens, pad_id, device)
+    rows = torch.arange(N)  # host: the completion of each of w's real rows (the first len(rows))
+    args = dict(pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    emitted = 0  # steps already streamed
+
+    def write_back():
+        r = rows.to(device)
+        for dst, s in ((out_tokens, w.tokens), (out_logprobs, w.logprobs), (out_lengths, w.lengths),
+                       (out_finished, w.finished)):
+            dst[r] = s[:len(rows), :max_new_tokens] if s.dim() == 2 else s[:len(rows)]
+
+    def check(t: int) -> bool:
+        """The host's look at the decode before step t (one sync): stream, end, rebucket. False: all ended."""
+        nonlocal w, rows, emitted
+        k = len(rows)
+        alive = w.alive[:k].cpu()
+        if on_token is not None and t > emitted:
+            toks, lens = w.tokens[:k, emitted:t].cpu(), w.lengths[:k].cpu()
+            for s in range(emitted, t):
+                got = lens > s
+                if got.any():
+                    on_token(s, rows[got], toks[got, s - emitted])
+        emitted = t
+        if should_end is not None and alive.any():
+            live = alive.nonzero().squeeze(-1)
+            end = live[torch.as_tensor(should_end(rows[live]), dtype=torch.bool)]
+            if len(end):
+                alive[end] = False
+                w.alive[end.to(device)] = False
+        n_alive = int(alive.sum())
+        if n_alive == 0:
+            return False
+        B2 = max(ladder(n_alive, 1), REBUCKET_MIN)
+        if B2 <= w.batch // 2 and n_alive < compact_below * w.batch:
+            write_back()
+            keep = alive.nonzero().squeeze(-1)
+            idx = torch.cat([keep, keep[:1].expand(B2 - n_alive)]).to(device)
+            w2 = _acquire(model, B2, S, L, Z)
+            w2.take(w, idx, n_alive)
+            w.busy = False
+            w, rows = w2, rows[keep]
+        return True
+
+    step = _compiled(static_step) if compiled and static_step not in _NOT_COMPILABLE else static_step
+    mark = torch.compiler.cudagraph_mark_step_begin if compiled and device.type == "cuda" else None
+    try:
+        if should_end is not None:
+            check(0)
+        record_step(logits[src], w.tok, w.t, *w.args()[2:], **args)
+        t = 1
+        with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+            while t < max_new_tokens:
+                if t % STOP_CHECK_EVERY == 0 and not check(t):
+                    break
+                if mark is not None:
+                    mark()
+                try:
+                    step(model, w.cache, *w.args(), **args)
+                except torch._dynamo.exc.TorchDynamoException as e:  # raised while tracing / compiling, before
+                    if step is static_step:  # any op runs: nothing was written yet. E.g. an attention kernel
+                        raise  # dynamo cannot trace (fullgraph). The step runs uncompiled from here on, the
+                    if static_step not in _NOT_COMPILABLE:  # same numbers.
+                        import warnings
+
+                        warnings.warn(f"sampler: torch.compile cannot take the decode step ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0][:200]}); running it uncompiled", stacklevel=3)
+                    _NOT_COMPILABLE[static_step] = e
+                    step, mark = static_step, None
+                    step(model, w.cache, *w.args(), **args)
+                t += 1
+        if on_token is not None:
+            check(t)  # stream the last steps
+        write_back()
+    finally:
+        w.busy = False
+    return _rollout(out_tokens, out_logprobs, out_lengths, out_finished, P, n, pad_id)
 
 
 @torch.no_grad()

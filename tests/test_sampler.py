@@ -193,10 +193,79 @@ def test_path_setting(monkeypatch):
     with pytest.raises(ValueError, match="PSYCHE_SAMPLER='fast'"):
         resolve_path("auto", cpu)
     m = build_model(tiny_config(vocab=40), seed=1).eval()
-    seen = []  # streaming needs the host every token: such calls run eager whatever the setting
+    seen = []  # a streaming call on the static path gets every step, in order
     monkeypatch.setenv("PSYCHE_SAMPLER", "static")
     r = generate(m, RAGGED, max_new_tokens=5, temperature=0.0, on_token=lambda t, rows, tok: seen.append(t))
     assert seen == list(range(5)) and r.tokens.shape == (4, 5)
+
+
+def test_static_path_rebuckets_to_smaller_batches(monkeypatch):
+    """15 rows run as a batch of 16 (one pad row); with the minimum lowered to 1, rows that end move the running
+    ones to batches of half the size or less. The tokens, log-probs, lengths and stop flags stay the eager
+    path's."""
+    import psyche.sampler as sampler
+
+    monkeypatch.setattr(sampler, "REBUCKET_MIN", 1)
+    batches, acquire = [], sampler._acquire
+    monkeypatch.setattr(sampler, "_acquire", lambda model, B, *a: (batches.append(B), acquire(model, B, *a))[1])
+    m = build_model(tiny_config(vocab=40), seed=1).eval()
+    kw = dict(temperature=1.0, n=3, stop_token_ids=[5, 7, 11], max_new_tokens=40,
+              row_max_tokens=torch.tensor([3, 9, 17, 40, 40] * 3))
+    prompts = RAGGED + [[15, 16]]
+    _same_rollout(generate(m, prompts, path="static", **kw), generate(m, prompts, path="eager", **kw))
+    assert batches[0] == 16 and len(batches) >= 3, batches
+    assert all(b2 <= b1 // 2 for b1, b2 in zip(batches, batches[1:])), batches
+    batches.clear()
+    _same_rollout(generate(m, prompts, path="static", compact_below=0.0, **kw),
+                  generate(m, prompts, path="eager", **kw))
+    assert batches == [16]  # compact_below=0: never rebucket
+
+
+def test_static_path_streams_and_cancels_like_eager():
+    """Streaming (on_token) and cancelling (should_end) on the static path, which hands them over every
+    STOP_CHECK_EVERY tokens: the same (step, rows, tokens) events as the eager path's and the same rollout when
+    a cancellation lands on a check (here: rows 1 and 6, once 8 steps have been streamed)."""
+    import psyche.sampler as sampler
+
+    assert sampler.STOP_CHECK_EVERY == 8
+    m = build_model(tiny_config(vocab=40), seed=1).eval()
+
+    def run(path):
+        seen = []
+
+        def on_token(t, rows, toks):
+            seen.append((t, rows.tolist(), toks.tolist()))
+
+        def should_end(rows):
+            return [bool(seen) and seen[-1][0] >= 7 and int(r) in (1, 6) for r in rows]
+
+        r = generate(m, RAGGED, n=2, temperature=1.0, stop_token_ids=[5], max_new_tokens=30, on_token=on_token,
+                     should_end=should_end, path=path)
+        return r, seen
+
+    (a, seen_a), (b, seen_b) = run("static"), run("eager")
+    _same_rollout(a, b)
+    assert seen_a == seen_b
+    assert a.lengths[1] <= 8 and a.lengths[6] <= 8 and a.lengths.max() > 8
+    assert [t for t, _, _ in seen_a] == list(range(int(a.lengths.max())))
+
+
+def test_static_buffers_are_reused_across_calls(monkeypatch):
+    """The static path's buffers (KV cache included) are pooled by shape: a second call of the same shapes
+    decodes in the same memory (a CUDA graph replays there), with the same results; release_buffers frees them."""
+    import psyche.sampler as sampler
+
+    monkeypatch.setattr(sampler, "_POOL", {})
+    m = build_model(tiny_config(vocab=40), seed=1).eval()
+    kw = dict(temperature=1.0, n=2, stop_token_ids=[5], max_new_tokens=20, path="static")
+    first = generate(m, RAGGED, **kw)
+    (slots,), = sampler._POOL.values()
+    ptr = slots.cache.k.data_ptr()
+    _same_rollout(generate(m, RAGGED, **kw), first)
+    (again,), = sampler._POOL.values()
+    assert again is slots and again.cache.k.data_ptr() == ptr and not again.busy
+    sampler.release_buffers()
+    assert sampler._POOL == {}
 
 
 def test_cpu_head_layout_changes_the_layout_only(monkeypatch):
@@ -242,3 +311,24 @@ def test_a_step_torch_compile_cannot_take_runs_uncompiled_with_a_warning(monkeyp
         got = generate(m, RAGGED, path="compiled", **kw)
     _same_rollout(got, generate(m, RAGGED, path="eager", **kw))
     assert sampler.static_step in sampler._NOT_COMPILABLE  # later calls do not try again
+
+
+@pytest.mark.slow
+def test_compiled_path_rebuckets_and_streams_like_eager(monkeypatch):
+    """The compiled static path (one compile per batch size, ~20 s in all on 2 cores) through rebucketing and
+    streaming: the eager path's tokens, log-probs and streamed events."""
+    import psyche.sampler as sampler
+
+    monkeypatch.setattr(sampler, "REBUCKET_MIN", 1)
+    m = build_model(tiny_config(vocab=40), seed=1).eval()
+    kw = dict(temperature=1.0, n=3, top_p=0.9, stop_token_ids=[5, 7, 11], max_new_tokens=40)
+
+    def run(path):
+        seen = []
+        r = generate(m, RAGGED, path=path, on_token=lambda t, rows, tok: seen.append((t, rows.tolist(),
+                                                                                     tok.tolist())), **kw)
+        return r, seen
+
+    (a, seen_a), (b, seen_b) = run("compiled"), run("eager")
+    _same_rollout(a, b)
+    assert seen_a == seen_b and a.lengths.min() < 20

@@ -223,6 +223,12 @@ def _compiled(fn):
     return _COMPILED[fn]
 
 
+def _compile_error(e: Exception) -> bool:
+    """e is torch.compile refusing the step (the recompile limit's error is not a TorchDynamoException)."""
+    exc = torch._dynamo.exc
+    return isinstance(e, (exc.TorchDynamoException, exc.FailOnRecompileLimitHit))
+
+
 def resolve_path(path: str, device: torch.device) -> str:
     from psyche.config import ConfigError
 
@@ -410,6 +416,30 @@ def release_buffers():
     _POOL.clear()
 
 
+def _run_step(step, model, w: _Slots, args: dict):
+    """One decode step with `step` (static_step or its compiled form) -> the step to use for the next ones.
+    torch.compile's errors come while it traces or compiles, before any op runs, so nothing was written yet:
+    e.g. an attention kernel dynamo cannot trace under fullgraph, or more shapes than RECOMPILE_LIMIT. Then
+    the step runs uncompiled from here on (the same numbers), with a warning once per process."""
+    if step is not static_step and w.tok.device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()  # a new replay: no output of the last one is still read
+    try:
+        step(model, w.cache, *w.args(), **args)
+        return step
+    except Exception as e:
+        if step is static_step or not _compile_error(e):
+            raise
+        refused = e
+    if static_step not in _NOT_COMPILABLE:
+        import warnings
+
+        warnings.warn(f"sampler: torch.compile cannot take the decode step ({type(refused).__name__}: "
+                      f"{str(refused).splitlines()[0][:200]}); running it uncompiled", stacklevel=4)
+    _NOT_COMPILABLE[static_step] = refused
+    static_step(model, w.cache, *w.args(), **args)
+    return static_step
+
+
 def _decode_static(model, small, logits, P, n, max_new_tokens, temperature, top_p, top_k, min_p, stop, seeds,
                    pad_id, row_max_tokens, on_token, should_end, compact_below, compiled: bool) -> Rollout:
     """The static path of `generate` after the prefill (small: the prompts' cache, logits (P, V) their last
@@ -480,7 +510,6 @@ def _decode_static(model, small, logits, P, n, max_new_tokens, temperature, top_
         return True
 
     step = _compiled(static_step) if compiled and static_step not in _NOT_COMPILABLE else static_step
-    mark = torch.compiler.cudagraph_mark_step_begin if compiled and device.type == "cuda" else None
     try:
         if should_end is not None:
             check(0)
@@ -490,21 +519,7 @@ def _decode_static(model, small, logits, P, n, max_new_tokens, temperature, top_
             while t < max_new_tokens:
                 if t % STOP_CHECK_EVERY == 0 and not check(t):
                     break
-                if mark is not None:
-                    mark()
-                try:
-                    step(model, w.cache, *w.args(), **args)
-                except torch._dynamo.exc.TorchDynamoException as e:  # raised while tracing / compiling, before
-                    if step is static_step:  # any op runs: nothing was written yet. E.g. an attention kernel
-                        raise  # dynamo cannot trace (fullgraph). The step runs uncompiled from here on, the
-                    if static_step not in _NOT_COMPILABLE:  # same numbers.
-                        import warnings
-
-                        warnings.warn(f"sampler: torch.compile cannot take the decode step ({type(e).__name__}: "
-                                      f"{str(e).splitlines()[0][:200]}); running it uncompiled", stacklevel=3)
-                    _NOT_COMPILABLE[static_step] = e
-                    step, mark = static_step, None
-                    step(model, w.cache, *w.args(), **args)
+                step = _run_step(step, model, w, args)
                 t += 1
         if on_token is not None:
             check(t)  # stream the last steps

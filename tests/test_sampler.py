@@ -332,3 +332,30 @@ def test_compiled_path_rebuckets_and_streams_like_eager(monkeypatch):
     (a, seen_a), (b, seen_b) = run("compiled"), run("eager")
     _same_rollout(a, b)
     assert seen_a == seen_b and a.lengths.min() < 20
+
+
+@pytest.mark.slow
+def test_compiled_step_takes_more_shapes_than_torchs_recompile_limit(monkeypatch):
+    """Batch sizes x cache lengths give a compiled decode step more shapes than torch's recompile limit (8 by
+    default); under fullgraph, passing it is an error, which would drop the step to uncompiled for the rest of
+    the process. Inside a decode the limit is RECOMPILE_LIMIT: with torch's set to 1 here, two new shapes still
+    compile (and with RECOMPILE_LIMIT at 1 as well, the second one is refused: the limit is what matters)."""
+    import warnings
+
+    import torch._dynamo
+
+    import psyche.sampler as sampler
+
+    m = build_model(tiny_config(vocab=40), seed=1).eval()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(sampler, "_NOT_COMPILABLE", {})
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="sampler: torch.compile cannot take")  # the fallback's
+        for prompts in (RAGGED[:1], RAGGED[:2]):
+            generate(m, prompts, max_new_tokens=10, temperature=0.0, path="compiled")
+    assert not sampler._NOT_COMPILABLE
+    monkeypatch.setattr(sampler, "RECOMPILE_LIMIT", 1)
+    with pytest.warns(UserWarning, match="torch.compile cannot take the decode step"):
+        generate(m, RAGGED[:3], max_new_tokens=10, temperature=0.0, path="compiled")
+    torch._dynamo.reset()

@@ -7,6 +7,9 @@ all weights read once per step, divided by a copy bandwidth measured in this run
 
     python bench/sampler.py                 # both configurations, CPU (or CUDA when present)
     python bench/sampler.py --config tiny --dtype bfloat16
+    python bench/sampler.py --config 0.5b --batch 64 --new-tokens 512 --repeats 1   # a GPU's figures
+
+The decode step time is a whole call's time less a 1-token call's (prefill and setup), per new token.
 """
 
 from __future__ import annotations
@@ -28,7 +31,13 @@ CONFIGS = {
     # bandwidth-bound: Qwen2.5-0.5B shapes with 4 layers; the 151,936-row tied embedding dominates
     "0.5b-4l": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=4, num_attention_heads=14,
                     num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    # Qwen2.5-0.5B's shapes whole (24 layers): the GPU figures (bash bench/gpu_check.sh)
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
 }
+DEFAULT = ("tiny", "0.5b-4l")  # what `--config all` runs
+# HBM peak bandwidth (bytes/s) by a substring of torch.cuda.get_device_name()
+PEAK_BW = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12, "A100": 1.555e12}
 
 
 def sync(device):
@@ -48,6 +57,13 @@ def copy_bandwidth(device, dtype, nbytes=256 << 20) -> float:
         sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best
+
+
+def peak_bandwidth(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in PEAK_BW.items() if key in name), None)
 
 
 def timed(fn, device, repeats):
@@ -78,7 +94,8 @@ def run(name, device, dtype, batch, prompt_len, new_tokens, repeats):
     model = build_model(cfg, device=device, dtype=dtype, seed=0).eval()
     hf = hf_twin(model, cfg, dtype, device)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, cfg.vocab_size, (prompt_len - 3 * i,), generator=g).tolist() for i in range(batch)]
+    prompts = [torch.randint(3, cfg.vocab_size, (prompt_len - 3 * (i % 8),), generator=g).tolist()
+               for i in range(batch)]
 
     # transformers wants left padding for a ragged batch
     T = max(len(p) for p in prompts)
@@ -104,16 +121,13 @@ def run(name, device, dtype, batch, prompt_len, new_tokens, repeats):
     t0 = time.perf_counter()
     same_fast = torch.equal(fast().tokens.cpu(), ref)  # the first call compiles the static step
     compile_s = time.perf_counter() - t0
-    short = max(2, new_tokens // 4)
-    fast(short)  # (the same compiled step: the cache length is bucketed)
     t_ours, t_fast, t_hf = timed(ours, device, repeats), timed(fast, device, repeats), timed(theirs, device, repeats)
-    # decode step time: the difference between two lengths removes prefill and setup
-    step = (t_ours - timed(lambda: ours(short), device, repeats)) / (new_tokens - short)
-    step_fast = (t_fast - timed(lambda: fast(short), device, repeats)) / (new_tokens - short)
+    # decode step time: a call of 1 new token (prefill, setup, no decode step) taken off a whole call
+    step = (t_ours - timed(lambda: ours(1), device, repeats)) / (new_tokens - 1)
+    step_fast = (t_fast - timed(lambda: fast(1), device, repeats)) / (new_tokens - 1)
 
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied head counted once
-    bw = copy_bandwidth(device, dtype)
-    bound = weight_bytes / bw
+    bw, peak = copy_bandwidth(device, dtype), peak_bandwidth(device)
     n_tok = batch * new_tokens
     print(f"[{name}] {cfg.num_params() / 1e6:.1f}M params, {dtype}, {device.type}, batch {batch}, "
           f"prompt ~{prompt_len}, {new_tokens} new tokens, greedy outputs identical to transformers: "
@@ -123,9 +137,13 @@ def run(name, device, dtype, batch, prompt_len, new_tokens, repeats):
     print(f"  transformers     {n_tok / t_hf:10.1f} tok/s  ({t_hf * 1e3:.1f} ms)")
     print(f"  ratio psyche / transformers: eager {t_hf / t_ours:.2f}x, compiled {t_hf / t_fast:.2f}x")
     for label, st in (("eager", step), ("compiled", step_fast)):
-        print(f"  {label} decode step {st * 1e3:.2f} ms; bandwidth bound {bound * 1e3:.2f} ms "
-              f"({weight_bytes / 1e6:.0f} MB of weights at {bw / 1e9:.1f} GB/s copy bandwidth) -> "
-              f"{bound / st:.0%} of the bound")
+        line = (f"  {label} decode step {st * 1e3:.2f} ms; weights {weight_bytes / 1e6:.0f} MB: at the copy "
+                f"bandwidth measured here ({bw / 1e9:.0f} GB/s) {weight_bytes / bw * 1e3:.2f} ms -> "
+                f"{weight_bytes / bw / st:.0%} of that bound")
+        if peak:
+            line += f"; at the HBM peak ({peak / 1e12:.2f} TB/s) {weight_bytes / peak / st:.0%}"
+        print(line)
+    bound = weight_bytes / (peak or bw)
     return {"ratio": t_hf / t_ours, "ratio_compiled": t_hf / t_fast, "bound_frac": bound / step_fast,
             "same": same and same_fast}
 
@@ -143,7 +161,7 @@ def main():
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
-    for name in CONFIGS if args.config == "all" else [args.config]:
+    for name in DEFAULT if args.config == "all" else [args.config]:
         run(name, device, dtype, args.batch, args.prompt_len, args.new_tokens, args.repeats)
 
 

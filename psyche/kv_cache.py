@@ -100,6 +100,18 @@ class StaticKVCache(KVCache):
     def visible_len(self, T: int) -> int:
         return self.max_len
 
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """As KVCache.update, written as one index_put_ into the whole (layers, B, K, S, D) buffer: torch.compile
+        then updates the cache in place. (A scatter_ into the layer's view is traced as a new copy of that layer's
+        cache plus a copy back, every step: more memory traffic than the weights at long caches.)"""
+        B, K, T, D = k.shape
+        dev = k.device
+        idx = (torch.full((1, 1, 1), layer, device=dev), torch.arange(B, device=dev)[:, None, None],
+               torch.arange(K, device=dev)[None, :, None], self.lengths[:, None, None] + torch.arange(T, device=dev))
+        self.k.index_put_(idx, k.to(self.k.dtype))  # (B, K, T) positions, D values each
+        self.v.index_put_(idx, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
     @property
     def uniform(self) -> bool:
         return False

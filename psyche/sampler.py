@@ -146,7 +146,9 @@ REBUCKET_MIN = 8  # static path: the batch is never rebucketed below this many r
 #                   about what one of 1 does on a GPU: the weights are read once either way)
 RECOMPILE_LIMIT = 64  # shapes a compiled decode step may take in one process (torch's default, 8, is too few for
 #                       batch sizes x cache lengths; under fullgraph, running past it is an error)
-POOL_MAX = 8  # static path: idle buffer sets kept for reuse (a CUDA graph replays on the addresses it recorded)
+POOL_MAX = 8  # static path: idle buffer sets kept for reuse (a CUDA graph replays on the addresses it recorded),
+POOL_BYTES = 4 << 30  # and at most this many bytes of them: a larger KV cache is freed after its decode (GRPO's
+#                       update then has the memory; the next decode allocates it again and re-records its graph)
 PATHS = ("auto", "eager", "static", "compiled")
 
 
@@ -377,6 +379,10 @@ class _Slots:
     def batch(self) -> int:
         return self.tok.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in self._all())
+
     def take(self, src: "_Slots", idx: torch.Tensor, n: int):
         """Become src's rows idx (B,): the first n are real, the rest pads (copies that are not alive)."""
         for d, s in ((self.cache.k, src.cache.k), (self.cache.v, src.cache.v)):
@@ -395,20 +401,32 @@ _POOL: dict[tuple, list[_Slots]] = {}
 def _acquire(model, B: int, S: int, L: int, Z: int) -> _Slots:
     p, c = model.lm_head.weight, model.config
     key = (p.device, p.dtype, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, B, S, L, Z)
-    for slots in _POOL.get(key, []):
-        if not slots.busy:
-            break
-    else:
-        idle = [(k, x) for k, xs in _POOL.items() for x in xs if not x.busy]
-        if sum(len(xs) for xs in _POOL.values()) >= POOL_MAX and idle:  # evict the oldest idle set
-            k, x = idle[0]
-            _POOL[k].remove(x)
+    slots = next((x for x in _POOL.get(key, []) if not x.busy), None)
+    if slots is None:
         slots = _Slots(model, B, S, L, Z)
         _POOL.setdefault(key, []).append(slots)
+    else:  # most recently used last
+        _POOL[key].remove(slots)
+        _POOL[key].append(slots)
+        _POOL[key] = _POOL.pop(key)
     slots.busy = True
     for x in slots._all():
         x.zero_()
     return slots
+
+
+def _trim_pool():
+    """Free idle buffer sets, least recently used first, beyond POOL_MAX sets or POOL_BYTES bytes."""
+    idle = [(k, x) for k, xs in _POOL.items() for x in xs if not x.busy]
+    total = sum(x.nbytes for _, x in idle)
+    for k, x in idle:
+        if len(idle) <= POOL_MAX and total <= POOL_BYTES:
+            break
+        _POOL[k].remove(x)
+        if not _POOL[k]:
+            del _POOL[k]
+        idle = idle[1:]
+        total -= x.nbytes
 
 
 def release_buffers():
@@ -526,6 +544,7 @@ def _decode_static(model, small, logits, P, n, max_new_tokens, temperature, top_
         write_back()
     finally:
         w.busy = False
+        _trim_pool()
     return _rollout(out_tokens, out_logprobs, out_lengths, out_finished, P, n, pad_id)
 
 

@@ -633,8 +633,8 @@ def _grpo_batch(model, seed=0):
 
 def test_grpo_update_on_device():
     """One GRPO update (clipped policy loss + k3 KL + entropy bonus) on the device.
-    - fp32 (what run_grpo does on one rank: no autocast there): the trainer's recomputed log-probs equal the
-      sampler's (max abs 1e-4); 1 vs 2 micro-batches give the same gradient (relative 1e-5).
+    - fp32 (run_grpo with model.dtype = float32): the trainer's recomputed log-probs equal the sampler's (max
+      abs 1e-4); 1 vs 2 micro-batches give the same gradient (relative 1e-5).
     - an AdamW update under bf16 autocast (as SFT runs on CUDA): finite loss and gradient norm, weights move."""
     from psyche import dist
     from psyche.grpo import LossConfig, update_policy
@@ -666,6 +666,42 @@ def test_grpo_update_on_device():
     assert g_rel <= 1e-5, g_rel
     assert all(torch.isfinite(torch.tensor(float(st[k]))) for k in ("loss", "grad_norm")), st
     assert st["optimizer_steps"] == 2 and moved > 0
+
+
+def test_grpo_with_a_bf16_compute_dtype_on_device(tmp_path, tiny_ckpt, monkeypatch):
+    """run_grpo with model.dtype = bfloat16 on one unsharded device: every linear layer of the rollouts, the
+    reference / old log-probs and the update computes in bf16 (autocast), while the policy's master weights, its
+    gradients and the checkpoint stay fp32. (The rollouts run eager here, so that the hooks see every layer.)"""
+    from safetensors.torch import load_file
+
+    from psyche.checkpoint import latest_checkpoint
+    from psyche.config import load_run_config
+    from psyche.grpo.loop import run_grpo
+
+    monkeypatch.setenv("PSYCHE_SAMPLER", "eager")
+    seen = []
+
+    def spy(module, args, out):
+        if isinstance(module, torch.nn.Linear) and torch.is_tensor(out):
+            seen.append((out.dtype, module.weight.dtype, torch.is_grad_enabled(), out.device.type))
+
+    cfg = load_run_config(ROOT / "configs" / "tiny-grpo.toml", [
+        "model.dtype=\"bfloat16\"", f"model.init={json.dumps(str(tiny_ckpt))}", f"run.out={json.dumps(str(tmp_path))}",
+        "grpo.steps=1", "log.progress=false", "checkpoint.every=1", "checkpoint.export=false", "grpo.dump_every=0",
+        f"grpo.paths=[{json.dumps(str(ROOT / 'configs' / 'data' / 'tiny-grpo.jsonl'))}]"])
+    handle = torch.nn.modules.module.register_module_forward_hook(spy)
+    try:
+        run_grpo(cfg)
+    finally:
+        handle.remove()
+    policy = [s for s in seen if s[1] == torch.float32]
+    _record("f_grpo_bf16", linear_calls=len(seen), policy_calls=len(policy),
+            out_dtypes=sorted({str(s[0]) for s in seen}), devices=sorted({s[3] for s in seen}))
+    assert seen and all(out == torch.bfloat16 for out, *_ in seen), sorted({str(s[:2]) for s in seen})
+    assert {s[3] for s in seen} == {DEVICE.type}
+    assert any(grad for _, _, grad, _ in policy) and any(not grad for _, _, grad, _ in policy)  # update, rollouts
+    state = load_file(str(latest_checkpoint(tmp_path) / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in state.values())
 
 
 # -------------------------------------------------------------------------------------------- f. the loops end to end

@@ -252,7 +252,8 @@ def test_static_path_streams_and_cancels_like_eager():
 
 def test_static_buffers_are_reused_across_calls(monkeypatch):
     """The static path's buffers (KV cache included) are pooled by shape: a second call of the same shapes
-    decodes in the same memory (a CUDA graph replays there), with the same results; release_buffers frees them."""
+    decodes in the same memory (a CUDA graph replays there), with the same results; release_buffers frees them,
+    and a decode frees what is beyond POOL_BYTES or POOL_MAX sets when it ends, least recently used first."""
     import psyche.sampler as sampler
 
     monkeypatch.setattr(sampler, "_POOL", {})
@@ -266,6 +267,15 @@ def test_static_buffers_are_reused_across_calls(monkeypatch):
     assert again is slots and again.cache.k.data_ptr() == ptr and not again.busy
     sampler.release_buffers()
     assert sampler._POOL == {}
+    monkeypatch.setattr(sampler, "POOL_BYTES", slots.nbytes - 1)  # too large to keep: freed after the decode
+    _same_rollout(generate(m, RAGGED, **kw), first)
+    assert sampler._POOL == {}
+    monkeypatch.setattr(sampler, "POOL_BYTES", 1 << 30)
+    monkeypatch.setattr(sampler, "POOL_MAX", 1)  # one set kept: the least recently used goes
+    generate(m, RAGGED[:1], **kw)
+    generate(m, RAGGED, **kw)
+    (key,) = sampler._POOL
+    assert key[5] == 8  # the batch of 4 prompts x 2 is the one kept
 
 
 def test_cpu_head_layout_changes_the_layout_only(monkeypatch):

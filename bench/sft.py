@@ -64,7 +64,7 @@ def _make(impl, cfg, device):
             if impl == "psyche_ce":
                 logits = model(x)  # (B, T, V)
                 return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-            logp, _ = model(x, targets=targets)  # (B, T)
+            logp, _ = model(x, targets=targets, uniform_grad=True)  # (B, T), as psyche/sft.py calls it
             return -logp.sum() / (targets >= 0).sum()
     else:
         import transformers

@@ -10,8 +10,9 @@ Model FLOPs per token (the PaLM count, attention causal): forward 2 x (matmul we
 2 x 2 x T/2 x hidden per layer for QK^T and PV; a training step is 3x the forward. MFU = model FLOPs per
 second / peak. The peak is the vendor's dense bf16 figure for a known GPU (--peak-tflops overrides it); the
 "GEMM" column divides by the rate of one large bf16 (CPU: fp32) matmul measured here instead, which is what
-the device delivers on the easiest work there is. Both steps run in this process, one after the other, each
-model freed before the next is built; times are medians after the warm-up steps.
+the device delivers on the easiest work there is. Both steps run in this process, alternating step by step
+(--one-at-a-time: each model built, timed and freed before the next, with its peak memory); times are
+medians after the warm-up steps.
 """
 
 from __future__ import annotations
@@ -73,28 +74,36 @@ def gemm_rate(device, dtype, M: int, K: int, N: int, repeat: int = 5) -> float:
     return 2 * M * K * N / best
 
 
-def time_steps(impl: str, cfg, a, device) -> tuple[float, float]:
-    """(median step seconds, peak GiB on CUDA) of `impl`'s training step."""
+def time_steps(impls: list[str], cfg, a, device) -> dict:
+    """{impl: (median step seconds, peak GiB on CUDA or nan)}. Together (the default): every model built first,
+    then steps alternating (psyche, hf, psyche, ...), so a neighbour's load slows both alike; the peak is not
+    per implementation then. --one-at-a-time: each built, timed and freed before the next (less memory)."""
     from sft import _make  # the same step bench/sft.py compares (fp32 master weights, bf16 autocast on CUDA)
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), generator=g).to(device)
     targets = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], 1)
-    step = _make(impl, cfg, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(a.warmup + a.steps):
-        t0 = time.perf_counter()
-        step(x, targets)
-        if i >= a.warmup:
-            times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    del step
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return statistics.median(times), peak
+    groups = [[i] for i in impls] if a.one_at_a_time else [impls]
+    out = {}
+    for group in groups:
+        steps = {impl: _make(impl, cfg, device) for impl in group}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = {impl: [] for impl in group}
+        for i in range(a.warmup + a.steps):
+            for impl, step in steps.items():
+                t0 = time.perf_counter()
+                step(x, targets)
+                if i >= a.warmup:
+                    times[impl].append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" and len(group) == 1 else \
+            float("nan")
+        out |= {impl: (statistics.median(t), peak) for impl, t in times.items()}
+        del steps
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
 
 
 def main():
@@ -106,6 +115,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--impls", default="psyche,hf")
+    ap.add_argument("--one-at-a-time", action="store_true", help="build and time one implementation at a time")
     a = ap.parse_args()
     from psyche.config import ModelConfig
 
@@ -128,13 +138,12 @@ def main():
     print(f"model FLOPs per token {fpt / 1e9:.2f} GFLOP; peak {peak_note}; plain GEMM "
           f"({a.batch * a.seq} x {cfg.hidden_size} @ {cfg.intermediate_size}, {gemm_dtype}) {gemm / 1e12:.2f} TFLOP/s")
     rows = {}
-    for impl in a.impls.split(","):
-        dt, mem = time_steps(impl, cfg, a, device)
+    for impl, (dt, mem) in time_steps(a.impls.split(","), cfg, a, device).items():
         rate = fpt * a.batch * a.seq / dt
         rows[impl] = dt
         mfu = f"MFU {rate / peak:6.1%}" if peak else "MFU    n/a"
         print(f"{impl:>7}: {a.batch * a.seq / dt:9.0f} tok/s  {dt * 1e3:8.1f} ms/step  {rate / 1e12:7.2f} TFLOP/s  "
-              f"{mfu}  {rate / gemm:6.1%} of the GEMM" + (f"  peak {mem:.1f} GiB" if cuda else ""))
+              f"{mfu}  {rate / gemm:6.1%} of the GEMM" + (f"  peak {mem:.1f} GiB" if mem == mem else ""))
     if "psyche" in rows and "hf" in rows:
         print(f"ratio psyche/hf speed {rows['hf'] / rows['psyche']:.2f}x" +
               (" (MFU goal on a GPU: >= 40%)" if cuda else ""))

@@ -95,37 +95,109 @@ class _StreamingLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dlogp, dent):
         hidden, weight, targets, lse, ent = ctx.saved_tensors
-        T, chunk_size, vocab_chunk = ctx.temperature, ctx.chunk_size, ctx.vocab_chunk
-        need_h, need_w = ctx.needs_input_grad[:2]
+        dh, dw = _streaming_backward(hidden, weight, targets, lse, ent, dlogp, dent, ctx.temperature, ctx.chunk_size,
+                                     ctx.vocab_chunk, *ctx.needs_input_grad[:2])
+        return dh, dw, None, None, None, None
+
+
+def _streaming_backward(hidden, weight, targets, lse, ent, dlogp, dent, T, chunk_size, vocab_chunk, need_h, need_w):
+    """(d hidden, d weight) for upstream gradients dlogp, dent (N,), recomputing the logits block by block."""
+    N, V = hidden.shape[0], weight.shape[0]
+    if dlogp is None:
+        dlogp = torch.zeros_like(lse)
+    if dent is None:
+        dent = torch.zeros_like(lse)
+    # fp32 accumulators (for fp32 inputs they are the gradients themselves: no extra memory)
+    dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    zbuf, pbuf = _buffers(hidden, weight, chunk_size, vocab_chunk)
+    for n0 in range(0, N, chunk_size):
+        n1 = min(N, n0 + chunk_size)
+        h, y = hidden[n0:n1], targets[n0:n1]
+        lse_c = lse[n0:n1, None]
+        g, e = dlogp[n0:n1, None], dent[n0:n1, None]
+        c = -(g + e * ent[n0:n1, None])  # (n, 1): dz = -p (g + e (log p + H)) = p (c - e log p)
+        rows = torch.arange(n1 - n0, device=h.device)
+        for v0 in range(0, V, vocab_chunk):
+            v1 = min(V, v0 + vocab_chunk)
+            w = weight[v0:v1]
+            logp_all = _logits(h, w, T, zbuf).sub_(lse_c)  # (n, v) log p
+            p = torch.exp(logp_all, out=_view(pbuf, *logp_all.shape))
+            dz = logp_all.mul_(-e).add_(c).mul_(p)  # in place: three passes over the block
+            inside = (y >= v0) & (y < v1)
+            dz.index_put_((rows[inside], y[inside] - v0), g[inside, 0], accumulate=True)  # + g at the target
+            if T != 1.0:
+                dz.div_(T)  # z = raw / T
+            dz = dz.to(weight.dtype)
+            if need_h:
+                _acc_mm(dh[n0:n1], dz, w)
+            if need_w:
+                _acc_mm(dw[v0:v1], dz.t(), h.to(weight.dtype))
+    return (dh.to(hidden.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None)
+
+
+FUSED_BLOCK = 1 << 26  # the uniform-gradient path's logits block: tokens per block = this // V (256 MiB fp32)
+
+
+class _UniformGradLogprobs(torch.autograd.Function):
+    """For a loss whose gradient is the same for every token's log-prob (SFT: -sum(logp) / n) and that does not
+    use the entropy: the forward computes, block by block of whole-vocabulary logits, the outputs and the
+    gradients of sum(logp) w.r.t. hidden and weight; backward scales them by the upstream gradient. Three
+    matmuls in all, where recomputing the logits in backward takes four. If the upstream gradient turns out
+    not to be uniform (or the entropy's is not zero), backward recomputes as the streaming path does: the
+    gradient is exact either way, only the time differs."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, vocab_chunk):
+        ctx.set_materialize_grads(False)
         N, V = hidden.shape[0], weight.shape[0]
-        # fp32 accumulators (for fp32 inputs they are the gradients themselves: no extra memory)
-        dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        zbuf, pbuf = _buffers(hidden, weight, chunk_size, vocab_chunk)
-        for n0 in range(0, N, chunk_size):
-            n1 = min(N, n0 + chunk_size)
+        need_h, need_w = ctx.needs_input_grad[:2]
+        lse = hidden.new_empty(N, dtype=torch.float32)
+        ent, logp = torch.empty_like(lse), torch.empty_like(lse)
+        gh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        n = max(1, min(N, FUSED_BLOCK // V))
+        zbuf, pbuf = (torch.empty(n * V, dtype=torch.float32, device=hidden.device) for _ in range(2))
+        for n0 in range(0, N, n):
+            n1 = min(N, n0 + n)
             h, y = hidden[n0:n1], targets[n0:n1]
-            lse_c = lse[n0:n1, None]
-            g, e = dlogp[n0:n1, None], dent[n0:n1, None]
-            c = -(g + e * ent[n0:n1, None])  # (n, 1): dz = -p (g + e (log p + H)) = p (c - e log p)
             rows = torch.arange(n1 - n0, device=h.device)
-            for v0 in range(0, V, vocab_chunk):
-                v1 = min(V, v0 + vocab_chunk)
-                w = weight[v0:v1]
-                logp_all = _logits(h, w, T, zbuf).sub_(lse_c)  # (n, v) log p
-                p = torch.exp(logp_all, out=_view(pbuf, *logp_all.shape))
-                dz = logp_all.mul_(-e).add_(c).mul_(p)  # in place: three passes over the block
-                inside = (y >= v0) & (y < v1)
-                dz.index_put_((rows[inside], y[inside] - v0), g[inside, 0], accumulate=True)  # + g at the target
-                if T != 1.0:
-                    dz.div_(T)  # z = raw / T
-                dz = dz.to(weight.dtype)
+            z = _logits(h, weight, temperature, zbuf)  # (n, V) fp32
+            m = z.amax(1)
+            z -= m[:, None]  # shifted: the exponentials stay in range
+            p = torch.exp(z, out=_view(pbuf, *z.shape))
+            total = p.sum(1)
+            z -= total.log()[:, None]  # log p
+            p /= total[:, None]  # p
+            lse[n0:n1] = m + total.log()
+            logp[n0:n1] = z[rows, y]
+            ent[n0:n1] = -torch.bmm(p[:, None, :], z[:, :, None]).view(-1)  # -sum p log p, no (n, V) temporary
+            if need_h or need_w:
+                p[rows, y] -= 1.0  # p - onehot = d(-logp)/dz; backward scales it by the upstream gradient
+                if temperature != 1.0:
+                    p /= temperature  # z = raw / T
+                dz = p.to(weight.dtype)
                 if need_h:
-                    _acc_mm(dh[n0:n1], dz, w)
+                    _acc_mm(gh[n0:n1], dz, weight)
                 if need_w:
-                    _acc_mm(dw[v0:v1], dz.t(), h.to(weight.dtype))
-        return (dh.to(hidden.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None,
-                None, None, None, None)
+                    _acc_mm(gw, dz.t(), h.to(weight.dtype))
+        ctx.save_for_backward(hidden, weight, targets, lse, ent, gh, gw)
+        ctx.temperature, ctx.chunk_size, ctx.vocab_chunk = temperature, chunk_size, vocab_chunk
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, dlogp, dent):
+        hidden, weight, targets, lse, ent, gh, gw = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        uniform = dlogp is not None and bool((dlogp == dlogp[:1]).all()) and (dent is None or not dent.any())
+        if not uniform:  # not the loss this path was chosen for: recompute, exactly
+            dh, dw = _streaming_backward(hidden, weight, targets, lse, ent, dlogp, dent, ctx.temperature,
+                                         ctx.chunk_size, ctx.vocab_chunk, need_h, need_w)
+            return dh, dw, None, None, None, None
+        c = -dlogp[0]  # gh, gw are the gradients of -sum(logp)
+        dh = (gh * c).to(hidden.dtype) if need_h else None
+        dw = (gw * c).to(weight.dtype) if need_w else None
+        return dh, dw, None, None, None, None
 
 
 def token_logprobs_ref(hidden, weight, targets, temperature: float = 1.0, chunk_size: int = 1024,
@@ -137,6 +209,15 @@ def token_logprobs_ref(hidden, weight, targets, temperature: float = 1.0, chunk_
     of logits (and two or three of its kind) exists at any time, forward or backward.
     """
     return _StreamingLogprobs.apply(hidden, weight, targets, float(temperature), chunk_size, vocab_chunk)
+
+
+def token_logprobs_uniform_grad(hidden, weight, targets, temperature: float = 1.0, chunk_size: int = 1024,
+                                vocab_chunk: int = 8192):
+    """token_logprobs_ref's values and gradients, computed for a loss whose gradient is the same for every
+    token's log-prob and zero for the entropy (SFT's mean negative log-likelihood): the gradients are made in
+    the forward, from blocks of whole-vocabulary logits (FUSED_BLOCK elements), and backward only scales them.
+    Any other upstream gradient is still exact (backward recomputes, as token_logprobs_ref does)."""
+    return _UniformGradLogprobs.apply(hidden, weight, targets, float(temperature), chunk_size, vocab_chunk)
 
 
 def token_logprobs_naive(hidden, weight, targets, temperature: float = 1.0):

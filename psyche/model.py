@@ -209,7 +209,7 @@ class Qwen2(nn.Module):
         return self
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, doc_ids=None, kv_cache=None,
-                return_hidden=False, targets=None, temperature: float = 1.0):
+                return_hidden=False, targets=None, temperature: float = 1.0, uniform_grad: bool = False):
         """input_ids (B, T) -> logits (B, T, V) in the parameter dtype, or final hidden (B, T, C), or per-token
         (log-prob, entropy) when `targets` is given.
 
@@ -221,6 +221,8 @@ class Qwen2(nn.Module):
         targets: (B, T) the token each position must predict (usually input_ids shifted left), < 0 to ignore.
             Returns (logp, entropy), both (B, T) fp32 and 0 at ignored positions, of softmax(logits / temperature):
             only the selected positions go through lm_head, in chunks, so (B, T, V) logits never exist.
+        uniform_grad: with targets, the loss gives every target's log-prob the same gradient and the entropy
+            none (SFT): see kernels.token_logprobs.
         """
         B, T = input_ids.shape
         if kv_cache is not None and attention_mask is not None:
@@ -241,7 +243,7 @@ class Qwen2(nn.Module):
             if torch.is_autocast_enabled(h.device.type):  # as autocast would run the lm_head Linear: in its dtype
                 dt = torch.get_autocast_dtype(h.device.type)
                 h, w = h.to(dt), w.to(dt)
-            lp, ent = kernels.token_logprobs(h, w, targets[rows, cols], temperature)
+            lp, ent = kernels.token_logprobs(h, w, targets[rows, cols], temperature, uniform_grad)
             zeros = torch.zeros(B, T, dtype=torch.float32, device=x.device)
             return zeros.index_put((rows, cols), lp), zeros.index_put((rows, cols), ent)
         if return_hidden:

@@ -142,7 +142,8 @@ def train_step(model, optimizer, micro_batches: list[Batch], *, device, grad_cli
     for mb in micro_batches:
         mb = mb.to(device)
         with amp:
-            logp, _ = model(mb.input_ids, doc_ids=mb.doc_ids, targets=mb.labels)  # (B, T), 0 where IGNORE
+            # (B, T), 0 where IGNORE; every target's log-prob gets the gradient -1 / n_targets
+            logp, _ = model(mb.input_ids, doc_ids=mb.doc_ids, targets=mb.labels, uniform_grad=True)
         (-logp.sum() / n_targets).backward()
         loss_sum += -logp.detach().sum()
     loss = dist.all_reduce_sum(loss_sum) / n_targets

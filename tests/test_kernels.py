@@ -185,6 +185,53 @@ def test_token_logprobs_ref_equals_naive(temperature, chunks):
     _assert_same(ref[1], got[1], torch.float32, "dh, dw")
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("block", [1 << 26, 3 * V])  # one block of tokens, or 3 tokens per block (a partial last)
+def test_token_logprobs_uniform_grad_equals_naive(temperature, block, monkeypatch):
+    """The uniform-gradient path (gradients made in the forward): SFT's loss -sum(logp) / n gives the naive
+    computation's values and gradients; a loss it was not chosen for (random upstream gradients on both
+    outputs, as GRPO's) is still differentiated exactly, by recomputing; so is a frozen lm_head."""
+    import kernels.logprobs as lp_mod
+    from kernels.logprobs import token_logprobs_uniform_grad
+
+    monkeypatch.setattr(lp_mod, "FUSED_BLOCK", block)
+    h, w, y = _lp_inputs()
+    sft = lambda out: -out[0].sum() / N  # noqa: E731
+    hr, wr = _leaves(h.double(), w.double())
+    sft(token_logprobs_naive(hr, wr, y, temperature)).backward()
+    hg, wg = _leaves(h, w)
+    out = token_logprobs_uniform_grad(hg, wg, y, temperature)
+    sft(out).backward()
+    _assert_same([o.float() for o in token_logprobs_naive(h.double(), w.double(), y, temperature)],
+                 [o.detach() for o in out], torch.float32, "logp, entropy")
+    _assert_same([hr.grad.float(), wr.grad.float()], [hg.grad, wg.grad], torch.float32, "dh, dw (SFT loss)")
+    ref = _exact(h, w, y, temperature, torch.float32)
+    got = _fwd_bwd(lambda h, w: token_logprobs_uniform_grad(h, w, y, temperature), _leaves(h, w))
+    _assert_same(ref[1], got[1], torch.float32, "dh, dw (other upstream gradients: recomputed)")
+    hf = _leaves(h)[0]
+    sft(token_logprobs_uniform_grad(hf, w, y, temperature)).backward()
+    torch.testing.assert_close(hf.grad, hr.grad.float(), **TOL[torch.float32])
+
+
+def test_token_logprobs_dispatch_takes_the_uniform_grad_path_for_large_vocabularies(monkeypatch):
+    """kernels.token_logprobs(uniform_grad=True) takes the uniform-gradient path from UNIFORM_GRAD_MIN_VOCAB
+    on (not under the Triton kernels), the streaming reference below it and without the flag."""
+    import kernels.logprobs as lp_mod
+
+    monkeypatch.setenv("PSYCHE_KERNELS", "reference")
+    taken = []
+    for name in ("token_logprobs_uniform_grad",):
+        real = getattr(lp_mod, name)
+        monkeypatch.setattr(lp_mod, name, lambda *a, _r=real, **k: (taken.append("uniform"), _r(*a, **k))[1])
+    h, w, y = _lp_inputs()
+    for flag, limit in ((True, V), (True, V + 1), (False, V)):
+        monkeypatch.setattr(kernels, "UNIFORM_GRAD_MIN_VOCAB", limit)
+        taken.clear()
+        logp, _ = kernels.token_logprobs(h, w, y, uniform_grad=flag)
+        assert taken == (["uniform"] if flag and limit <= V else []), (flag, limit)
+        torch.testing.assert_close(logp, token_logprobs_naive(h, w, y)[0])
+
+
 @needs_triton
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_logprobs_triton_fp32(temperature):

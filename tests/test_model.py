@@ -102,9 +102,9 @@ def test_targets_path_runs_the_lm_head_in_the_autocast_dtype(monkeypatch):
     seen = []
     real = kernels.token_logprobs
 
-    def spy(h, w, y, temperature=1.0):
+    def spy(h, w, y, temperature=1.0, uniform_grad=False):
         seen.append((h.dtype, w.dtype))
-        return real(h, w, y, temperature)
+        return real(h, w, y, temperature, uniform_grad)
 
     monkeypatch.setattr(kernels, "token_logprobs", spy)
     cfg = tiny_config()

@@ -68,7 +68,11 @@ def test_models_endpoint(served):
     assert [m["id"] for m in json.loads(text)["data"]] == ["tiny"]
 
 
-def test_16_concurrent_requests_equal_each_alone(served):
+@pytest.mark.parametrize("path", ["eager", "static"])
+def test_16_concurrent_requests_equal_each_alone(served, path, monkeypatch):
+    """Batched requests (mixed lengths, limits and sampling settings) answer as each would alone, on either
+    decode path (the static one streams and ends rows at its host syncs)."""
+    monkeypatch.setenv("PSYCHE_SAMPLER", path)
     srv, model, tok = served
     jobs = []
     for i in range(16):
@@ -99,7 +103,9 @@ def test_16_concurrent_requests_equal_each_alone(served):
     assert srv.engine.calls - calls_before < 16
 
 
-def test_stream_equals_non_stream(served):
+@pytest.mark.parametrize("path", ["eager", "static"])
+def test_stream_equals_non_stream(served, path, monkeypatch):
+    monkeypatch.setenv("PSYCHE_SAMPLER", path)
     srv, _, _ = served
     for body in (dict(max_tokens=24, temperature=0), dict(max_tokens=24, temperature=1.0, seed=7, n=2)):
         msgs = [{"role": "user", "content": "请解释认知行为疗法。"}]

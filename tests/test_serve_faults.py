@@ -79,6 +79,7 @@ def test_64_streaming_clients_16_disconnect_halfway(tiny_ckpt, monkeypatch):
     import psyche.sampler
     from psyche.serve import Engine, GenRequest
 
+    monkeypatch.setenv("PSYCHE_SAMPLER", "eager")  # "halfway" is a step of the eager path's decode loop
     srv, model, tok = start(tiny_ckpt)
     try:
         jobs = [([{"role": "user", "content": f"来访者{i}：最近总是失眠，怎么办？"}], 1000 + i) for i in range(64)]

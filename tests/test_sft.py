@@ -65,6 +65,25 @@ def test_activation_checkpointing_and_compile_change_nothing(setup, kw):
     torch.testing.assert_close(torch.tensor(other), torch.tensor(plain), atol=1e-5, rtol=0)
 
 
+def test_the_uniform_gradient_lm_head_path_changes_nothing(setup, monkeypatch):
+    """SFT asks for the lm_head path that makes the gradients in the forward (taken from a vocabulary size on,
+    here forced at the tiny one): the same losses and weights as the streaming path, accumulation included."""
+    import kernels
+
+    init, tok, samples = setup
+    monkeypatch.setattr(kernels, "UNIFORM_GRAD_MIN_VOCAB", 1 << 40)
+    plain, m1 = _train(init, samples, tok, micro=2, packing=True, steps=3)
+    monkeypatch.setattr(kernels, "UNIFORM_GRAD_MIN_VOCAB", 0)
+    taken = []
+    real = kernels._logprobs.token_logprobs_uniform_grad
+    monkeypatch.setattr(kernels._logprobs, "token_logprobs_uniform_grad", lambda *a: (taken.append(1), real(*a))[1])
+    fused, m2 = _train(init, samples, tok, micro=2, packing=True, steps=3)
+    assert taken
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), atol=1e-5, rtol=0)  # fp32 rounding
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0)
+
+
 def _reference_nll(model, samples, i):
     """Per-sample NLL sum from full logits of the sample alone, masked by the tokenizer's assistant mask."""
     x = torch.from_numpy(samples.ids[i]).long()[None]

@@ -8,12 +8,13 @@
 # 3. bench/triton_kernels.py (with torch.compile)     7. bench/grpo_step.py (bf16; eager vs compiled sampler)
 # 4. bench/logprobs.py (peak memory; 1 round)         8. bench/sft_mfu.py (SFT MFU at Qwen2.5-1.5B's shapes)
 # 5. bench/sft.py --parts step                        9. bench/logprobs.py at 7B's hidden size, if time is left
+#                                                    10. the same with SFT's loss: Triton vs the uniform-gradient path
 #
 # Each step runs under `timeout` (its process group is killed when its budget is spent), its output goes to
 # OUT_DIR/<step>.log, and the next step runs whatever happened. OUT_DIR/summary.tsv has one line per step:
 # name, exit status (124 = ran out of time), seconds, budget, command. The budgets sum to GPU_CHECK_TOTAL
 # (default 560 s, counted after the environment report, OUT_DIR/environment.log); a step never gets more than
-# what is left of it, so step 9 runs only if the others finish early. The GPU tests append the errors and
+# what is left of it, so steps 9-10 run only if the others finish early. The GPU tests append the errors and
 # peaks they measured to OUT_DIR/gpu_measurements.jsonl (passing tests too) and write OUT_DIR/gpu-tests.xml.
 # Nothing here installs packages or uses the network; the package is imported from this checkout (PYTHONPATH).
 # Not run: bench/sft.py's fsdp part (it launches 2 ranks, one GPU per rank) and its packing part (CPU only).
@@ -91,9 +92,9 @@ if "$PY" -c "import pytest_timeout" 2> /dev/null; then
     TIMEOUT_OPT=(--timeout=90)  # per test: a hung test fails alone instead of eating the step's budget
 fi
 
-# ---- the checks, most valuable first (budgets: 150 + 50 + 70 + 30 + 90 + 75 + 120 + 60 + 90 = 735 s, cut to what is
-# left of the total; on one H200 the first five took 85, 33, 38, 21 and ~50 s: bench/sft.py's step part needs
-# more than 40 s, its two fresh processes included; steps 6-8 have not run on a GPU yet) ----
+# ---- the checks, most valuable first (budgets: 150 + 50 + 70 + 30 + 90 + 75 + 120 + 60 + 90 + 60 + 60 = 855 s,
+# cut to what is left of the total; on one H200 the first five took 85, 33, 38, 21 and ~50 s: bench/sft.py's
+# step part needs more than 40 s, its two fresh processes included; steps 6-8 and 10 have not run on a GPU) ----
 step gpu-tests 150 "$PY" -m pytest -m gpu -q -rfEs --durations=25 ${TIMEOUT_OPT[@]+"${TIMEOUT_OPT[@]}"} \
     --junitxml="$OUT/gpu-tests.xml" tests/test_gpu.py
 # the AOT-compile test is left out: the GPU compiles every kernel for real here
@@ -107,6 +108,7 @@ step bench-sampler-b64 120 "$PY" bench/sampler.py --config 0.5b --batch 64 --new
 step bench-grpo-step 60 "$PY" bench/grpo_step.py --set model.dtype=bfloat16
 step bench-sft-mfu 90 "$PY" bench/sft_mfu.py
 step bench-logprobs-7b 60 "$PY" bench/logprobs.py --repeat 1 --tokens 8192 --hidden 3584
+step bench-logprobs-sft 60 "$PY" bench/logprobs.py --sft --repeat 1 --tokens 8192 --hidden 3584 --vocab 152064
 
 echo "=== summary ($(($(date +%s) - START))s of ${TOTAL}s)"
 column -t -s $'\t' "$SUMMARY" 2> /dev/null || cat "$SUMMARY"

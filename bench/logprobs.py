@@ -10,6 +10,7 @@ on CUDA torch's peak allocated bytes above the inputs. Gradients are part of the
 
     python bench/logprobs.py                              # N=2048, C=896 (Qwen2.5-0.5B); fp32 CPU, bf16 CUDA
     python bench/logprobs.py --tokens 8192 --hidden 3584  # 7B's hidden size
+    python bench/logprobs.py --sft --vocab 32768          # SFT's loss; with the uniform-gradient path
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ def _rss(field: str) -> int:
 def run_one(args) -> dict:
     """In the child: build inputs, run one path once, report its peak bytes above the inputs and its time."""
     import kernels
-    from kernels.logprobs import token_logprobs_naive, token_logprobs_ref
+    from kernels.logprobs import token_logprobs_naive, token_logprobs_ref, token_logprobs_uniform_grad
 
-    fn = {"naive": token_logprobs_naive, "kernels": kernels.token_logprobs, "reference": token_logprobs_ref}[args.one]
+    fn = {"naive": token_logprobs_naive, "kernels": kernels.token_logprobs, "reference": token_logprobs_ref,
+          "uniform": token_logprobs_uniform_grad}[args.one]
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     N, C, V = args.tokens, args.hidden, args.vocab
@@ -55,7 +57,10 @@ def run_one(args) -> dict:
     def step():
         hidden.grad = weight.grad = None
         logp, ent = fn(hidden, weight, targets, args.temperature)
-        (logp * g_logp + ent * g_ent).sum().backward()
+        if args.sft:
+            (-logp.sum() / N).backward()  # SFT's loss: the same gradient for every log-prob, none for the entropy
+        else:
+            (logp * g_logp + ent * g_ent).sum().backward()
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -92,7 +97,10 @@ def main():
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (torch.set_num_threads); on a shared machine 1 is the fairest: OpenMP "
                          "threads that wait for a descheduled sibling slow small ops down several times")
-    ap.add_argument("--one", choices=["naive", "kernels", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--sft", action="store_true",
+                    help="SFT's loss (-mean logp) instead of random gradients on both outputs; adds the uniform-"
+                         "gradient path (kernels.logprobs.token_logprobs_uniform_grad), which SFT takes at large V")
+    ap.add_argument("--one", choices=["naive", "kernels", "reference", "uniform"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.threads:
@@ -106,22 +114,24 @@ def main():
     import kernels
 
     paths = ["naive", "kernels"] + (["reference"] if args.device == "cuda" else [])
-    what = {"naive": "naive (N, V) fp32 logits",
+    if args.sft:
+        paths = ["naive", "reference", "uniform"] + (["kernels"] if args.device == "cuda" else [])
+    what = {"naive": "naive (N, V) fp32 logits", "uniform": "token_logprobs_uniform_grad (grads in forward)",
             "kernels": "kernels.token_logprobs (" + ("Triton" if kernels.use_triton(torch.empty(0, device=args.device))
                                                      else "streaming reference") + ")",
             "reference": "token_logprobs_ref (streaming PyTorch)"}
     threads = torch.get_num_threads()
     print(f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else
                                      f" ({threads} threads)")
-          + f", {args.dtype}, N={args.tokens} C={args.hidden} V={args.vocab}, forward + backward of logp and "
-          f"entropy, best of {args.repeat}")
+          + f", {args.dtype}, N={args.tokens} C={args.hidden} V={args.vocab}, forward + backward of "
+          + ("SFT's loss -mean(logp)" if args.sft else "logp and entropy") + f", best of {args.repeat}")
     runs = {p: [] for p in paths}
     for _ in range(args.repeat):
         for p in paths:
             cmd = [sys.executable, __file__, "--one", p] + [f"--{k}={v}" for k, v in (
                 ("tokens", args.tokens), ("hidden", args.hidden), ("vocab", args.vocab),
                 ("temperature", args.temperature), ("device", args.device), ("dtype", args.dtype),
-                ("threads", torch.get_num_threads()))]
+                ("threads", torch.get_num_threads()))] + (["--sft"] if args.sft else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs[p].append(json.loads(out.strip().splitlines()[-1]))
     res = {p: {"peak": max(r["peak"] for r in rs), "grads": rs[0]["grads"], "time": min(r["time"] for r in rs),

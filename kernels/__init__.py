@@ -76,8 +76,10 @@ def swiglu(gate, up):
     return swiglu_ref(gate, up)
 
 
-UNIFORM_GRAD_MIN_VOCAB = 32768  # from this vocabulary size the uniform-gradient path is the faster one on CPU
-#                                 (1.3x at V = 32,768, 1.7-2.3x at 151,936; 0.9x at 1,600: bench/logprobs.py --sft)
+UNIFORM_GRAD_MIN_VOCAB = 32768  # from here SFT takes the uniform-gradient path (bench/logprobs.py --sft on CPU:
+#   1.07-1.13x the streaming path's speed at V = 32,768 and 151,936, where the lm_head is most of a step). Below,
+#   the lm_head is a small part of a step and the two paths' times differ within noise (0.97-1.2x at V = 1,600),
+#   so the streaming path stays, and with it the embedded default's recorded runs (V = 1,600) bit for bit.
 
 
 def token_logprobs(hidden, weight, targets, temperature: float = 1.0, uniform_grad: bool = False):

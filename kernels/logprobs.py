@@ -137,6 +137,7 @@ def _streaming_backward(hidden, weight, targets, lse, ent, dlogp, dent, T, chunk
 
 
 FUSED_BLOCK = 1 << 26  # the uniform-gradient path's logits block: tokens per block = this // V (256 MiB fp32)
+SOFTMAX_ROWS = 64  # rows of a block turned into probabilities at a time (the size of the one temporary)
 
 
 class _UniformGradLogprobs(torch.autograd.Function):
@@ -154,10 +155,10 @@ class _UniformGradLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         lse = hidden.new_empty(N, dtype=torch.float32)
         ent, logp = torch.empty_like(lse), torch.empty_like(lse)
-        gh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        gh = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        gw = None  # (V, C) fp32, made by the first block's matmul (no zero-filled buffer: one pass less)
         n = max(1, min(N, FUSED_BLOCK // V))
-        zbuf, pbuf = (torch.empty(n * V, dtype=torch.float32, device=hidden.device) for _ in range(2))
+        zbuf = torch.empty(n * V, dtype=torch.float32, device=hidden.device)
         for n0 in range(0, N, n):
             n1 = min(N, n0 + n)
             h, y = hidden[n0:n1], targets[n0:n1]
@@ -165,38 +166,48 @@ class _UniformGradLogprobs(torch.autograd.Function):
             z = _logits(h, weight, temperature, zbuf)  # (n, V) fp32
             m = z.amax(1)
             z -= m[:, None]  # shifted: the exponentials stay in range
-            p = torch.exp(z, out=_view(pbuf, *z.shape))
-            total = p.sum(1)
-            z -= total.log()[:, None]  # log p
-            p /= total[:, None]  # p
-            lse[n0:n1] = m + total.log()
-            logp[n0:n1] = z[rows, y]
-            ent[n0:n1] = -torch.bmm(p[:, None, :], z[:, :, None]).view(-1)  # -sum p log p, no (n, V) temporary
+            logp[n0:n1] = z[rows, y]  # shifted logit at the target; minus log(sum exp) below
+            for r0 in range(0, n1 - n0, SOFTMAX_ROWS):  # z -> softmax in place, a few rows' temporary at a time
+                zs = z[r0:r0 + SOFTMAX_ROWS]
+                e = torch.exp(zs)
+                total = e.sum(1)
+                log_total = total.log()
+                i = slice(n0 + r0, n0 + r0 + zs.shape[0])
+                lse[i] = m[r0:r0 + SOFTMAX_ROWS] + log_total
+                logp[i] -= log_total
+                ent[i] = log_total - torch.bmm(e[:, None, :], zs[:, :, None]).view(-1) / total  # -sum p log p
+                zs.copy_(e).div_(total[:, None])
+            p = z
             if need_h or need_w:
                 p[rows, y] -= 1.0  # p - onehot = d(-logp)/dz; backward scales it by the upstream gradient
                 if temperature != 1.0:
                     p /= temperature  # z = raw / T
                 dz = p.to(weight.dtype)
-                if need_h:
-                    _acc_mm(gh[n0:n1], dz, weight)
-                if need_w:
+                if need_h:  # each block writes its own rows
+                    gh[n0:n1] = dz @ weight if gh.dtype != dz.dtype else torch.mm(dz, weight, out=gh[n0:n1])
+                if need_w and gw is None:
+                    gw = (dz.t() @ h.to(weight.dtype)).float()
+                elif need_w:
                     _acc_mm(gw, dz.t(), h.to(weight.dtype))
-        ctx.save_for_backward(hidden, weight, targets, lse, ent, gh, gw)
+        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        ctx.grads = (gh, gw)  # gradients of -sum(logp); scaled in place by backward, once
         ctx.temperature, ctx.chunk_size, ctx.vocab_chunk = temperature, chunk_size, vocab_chunk
         return logp, ent
 
     @staticmethod
     def backward(ctx, dlogp, dent):
-        hidden, weight, targets, lse, ent, gh, gw = ctx.saved_tensors
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
+        (gh, gw), ctx.grads = ctx.grads, None
         uniform = dlogp is not None and bool((dlogp == dlogp[:1]).all()) and (dent is None or not dent.any())
-        if not uniform:  # not the loss this path was chosen for: recompute, exactly
+        if not uniform or (gh is None and need_h) or (gw is None and need_w):
+            # not the loss this path was chosen for, or a second backward: recompute, exactly
             dh, dw = _streaming_backward(hidden, weight, targets, lse, ent, dlogp, dent, ctx.temperature,
                                          ctx.chunk_size, ctx.vocab_chunk, need_h, need_w)
             return dh, dw, None, None, None, None
         c = -dlogp[0]  # gh, gw are the gradients of -sum(logp)
-        dh = (gh * c).to(hidden.dtype) if need_h else None
-        dw = (gw * c).to(weight.dtype) if need_w else None
+        dh = gh.mul_(c).to(hidden.dtype) if need_h else None
+        dw = gw.mul_(c).to(weight.dtype) if need_w else None
         return dh, dw, None, None, None, None
 
 

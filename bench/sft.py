@@ -103,14 +103,20 @@ def time_worker(a) -> dict:
     cfg = model_config(a)
     x, targets = _batch(a, cfg, device)
     steps = {impl: _make(impl, cfg, device) for impl in ("psyche", "hf", "psyche_ce")}
+    return alternating_medians(steps, x, targets, a.warmup, a.steps) | {"device": str(device)}
+
+
+def alternating_medians(steps: dict, x, targets, warmup: int, n: int) -> dict:
+    """{name: median seconds} of the training steps `steps` (name -> step(x, targets)), run in turn (a, b, a,
+    b, ...) for warmup + n rounds, the first `warmup` not timed."""
     times = {impl: [] for impl in steps}
-    for i in range(a.warmup + a.steps):
+    for i in range(warmup + n):
         for impl, step in steps.items():
             t0 = time.perf_counter()
             step(x, targets)
-            if i >= a.warmup:
+            if i >= warmup:
                 times[impl].append(time.perf_counter() - t0)
-    return {impl: statistics.median(t) for impl, t in times.items()} | {"device": str(device)}
+    return {impl: statistics.median(t) for impl, t in times.items()}
 
 
 def mem_worker(a) -> dict:

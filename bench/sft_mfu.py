@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -78,27 +77,20 @@ def time_steps(impls: list[str], cfg, a, device) -> dict:
     """{impl: (median step seconds, peak GiB on CUDA or nan)}. Together (the default): every model built first,
     then steps alternating (psyche, hf, psyche, ...), so a neighbour's load slows both alike; the peak is not
     per implementation then. --one-at-a-time: each built, timed and freed before the next (less memory)."""
-    from sft import _make  # the same step bench/sft.py compares (fp32 master weights, bf16 autocast on CUDA)
+    from sft import _batch, _make, alternating_medians  # the same step as bench/sft.py's (fp32 master weights,
+    #                                                       bf16 autocast on CUDA), the same batch
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), generator=g).to(device)
-    targets = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], 1)
+    x, targets = _batch(a, cfg, device)
     groups = [[i] for i in impls] if a.one_at_a_time else [impls]
     out = {}
     for group in groups:
         steps = {impl: _make(impl, cfg, device) for impl in group}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        times = {impl: [] for impl in group}
-        for i in range(a.warmup + a.steps):
-            for impl, step in steps.items():
-                t0 = time.perf_counter()
-                step(x, targets)
-                if i >= a.warmup:
-                    times[impl].append(time.perf_counter() - t0)
+        times = alternating_medians(steps, x, targets, a.warmup, a.steps)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" and len(group) == 1 else \
             float("nan")
-        out |= {impl: (statistics.median(t), peak) for impl, t in times.items()}
+        out |= {impl: (t, peak) for impl, t in times.items()}
         del steps
         gc.collect()
         if device.type == "cuda":

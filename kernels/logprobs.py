@@ -16,6 +16,9 @@ Both implementations keep, per token, the running max m, s = sum exp(z - m) and 
   entropy), no logits anywhere, the vocab split across programs when N is small; backward recomputes the
   logits one vocab slice at a time (~V/16 wide) in a kernel that writes dz for that slice only, (N, V/16),
   and hands the two gradient matmuls to cuBLAS (dh accumulates in fp32, dW is one matmul per slice).
+- `token_logprobs_uniform_grad`: for a loss that gives every log-prob the same gradient (SFT), the gradients
+  made in the forward from blocks of whole-vocabulary logits, three matmuls instead of four; exact for any
+  other loss too (backward then recomputes as `token_logprobs_ref` does).
 - `token_logprobs_naive`: full (N, V) logits, for tests and benchmarks.
 
 Targets must lie in [0, V): mask ignored positions in the loss, not here.

@@ -8,8 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=find_packages(include=["psyche", "psyche.*", "kernels", "kernels.*"]),
-    py_modules=["train"],
+    packages=find_packages(include=["psyche", "psyche.*"]),  # one top-level name: psyche
     package_data={"psyche": ["assets/base/*"]},  # the embedded default's base model (a few MB)
     install_requires=["torch>=2.4", "safetensors", "tokenizers>=0.19", "sentencepiece", "numpy", "click>=8",
                       "tqdm"],
@@ -19,7 +18,8 @@ setup(
         "eval": ["jieba", "rouge", "nltk"],
         "plot": ["matplotlib", "tensorboard"],
         "data": ["datasketch"],
-        "test": ["pytest", "transformers>=4.45", "jieba", "rouge", "nltk", "matplotlib", "tensorboard",
+        # the reference implementations are pinned in tests/references.txt (.ci/run installs with it)
+        "test": ["pytest", "transformers", "peft", "jieba", "rouge", "nltk", "matplotlib", "tensorboard",
                  "datasketch"],
     },
     entry_points={"console_scripts": ["psyche=psyche.cli:main"]},

@@ -80,7 +80,7 @@ for name in ("triton", "transformers", "tokenizers", "safetensors", "click", "tq
         print(f"{name}: {getattr(m, '__version__', 'imported')}")
     except Exception as e:
         print(f"{name}: not importable ({type(e).__name__}: {str(e)[:120]})")
-import kernels
+from psyche import kernels
 print("psyche kernels: HAS_TRITON", kernels.HAS_TRITON, "HAS_FLASH_ATTN", kernels.HAS_FLASH_ATTN,
       "mode", kernels.mode())
 EOF

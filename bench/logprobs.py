@@ -41,8 +41,8 @@ def _rss(field: str) -> int:
 
 def run_one(args) -> dict:
     """In the child: build inputs, run one path once, report its peak bytes above the inputs and its time."""
-    import kernels
-    from kernels.logprobs import token_logprobs_naive, token_logprobs_ref, token_logprobs_uniform_grad
+    from psyche import kernels
+    from psyche.kernels.logprobs import token_logprobs_naive, token_logprobs_ref, token_logprobs_uniform_grad
 
     fn = {"naive": token_logprobs_naive, "kernels": kernels.token_logprobs, "reference": token_logprobs_ref,
           "uniform": token_logprobs_uniform_grad}[args.one]
@@ -111,7 +111,7 @@ def main():
     if args.device == "cpu" and not os.path.exists("/proc/self/clear_refs"):
         sys.exit("CPU peak memory is read from /proc (Linux only)")
 
-    import kernels
+    from psyche import kernels
 
     paths = ["naive", "kernels"] + (["reference"] if args.device == "cuda" else [])
     if args.sft:

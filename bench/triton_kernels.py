@@ -33,7 +33,7 @@ def cases(N, B, s, dtype, device):
     import importlib
 
     # the modules, not kernels' dispatching functions of the same names
-    logprobs, rmsnorm, rotary, swiglu = (importlib.import_module(f"kernels.{m}")
+    logprobs, rmsnorm, rotary, swiglu = (importlib.import_module(f"psyche.kernels.{m}")
                                          for m in ("logprobs", "rmsnorm", "rotary", "swiglu"))
 
     T = N // B
@@ -110,7 +110,7 @@ def main():
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench/triton_kernels.py needs a CUDA GPU (none found): nothing to measure.")
         return 0
-    import kernels
+    from psyche import kernels
 
     if not kernels.HAS_TRITON:
         print("triton is not installed: nothing to measure.")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-import kernels
+from psyche import kernels
 from psyche.config import ModelConfig
 
 

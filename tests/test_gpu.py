@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+from psyche import kernels
 from helpers import hf_model, left_padded, psyche_from_hf, tiny_config
 from psyche.config import ModelConfig, OptimSection
 from psyche.model import build_model
@@ -304,7 +304,7 @@ BF16_FLOOR = 2.0 ** -10  # a quarter of a bf16 ulp (2**-8 relative)
 @needs_triton
 def test_rms_norm_at_qwen_shape():
     """(8192, 3584) bf16 rows, weight with grad: y, dx, dw."""
-    from kernels.rmsnorm import rms_norm_ref, rms_norm_triton
+    from psyche.kernels.rmsnorm import rms_norm_ref, rms_norm_triton
 
     x, w = dev_randn(8192, 3584, seed=0, scale=3.0), 1 + dev_randn(3584, seed=1, scale=0.1)
     bf = _leaves([x.bfloat16(), w.bfloat16()], [True, True])
@@ -319,7 +319,7 @@ def test_rms_norm_at_qwen_shape():
 @needs_triton
 def test_swiglu_at_qwen_shape():
     """(4096, 18944) bf16 gate and up (7B's MLP width): y, dgate, dup."""
-    from kernels.swiglu import swiglu_ref, swiglu_triton
+    from psyche.kernels.swiglu import swiglu_ref, swiglu_triton
 
     g, u = dev_randn(4096, 18944, seed=2, scale=3.0).bfloat16(), dev_randn(4096, 18944, seed=3).bfloat16()
     kern = _fwd_bwd(swiglu_triton, _leaves([g, u], [True, True]))
@@ -332,7 +332,7 @@ def test_swiglu_at_qwen_shape():
 def test_rotary_at_qwen_shape():
     """B=2, T=2048, 28 query heads / 4 kv heads of 128 (7B), theta 1e6; q, k as the model passes them
     (transposed views of (B, T, H, D)); cos/sin per row in bf16, as the model makes them."""
-    from kernels.rotary import rotary_ref, rotary_triton
+    from psyche.kernels.rotary import rotary_ref, rotary_triton
 
     B, T, H, K, D = 2, 2048, 28, 4, 128
     q0, k0 = dev_randn(B, T, H, D, seed=4).bfloat16(), dev_randn(B, T, K, D, seed=5).bfloat16()
@@ -360,7 +360,7 @@ def test_token_logprobs_at_qwen_shape():
 
 
 def _token_logprobs_case(N, C, V):
-    from kernels.logprobs import token_logprobs_naive, token_logprobs_ref, token_logprobs_triton
+    from psyche.kernels.logprobs import token_logprobs_naive, token_logprobs_ref, token_logprobs_triton
 
     h, w = dev_randn(N, C, seed=6).bfloat16(), dev_randn(V, C, seed=7, scale=0.02).bfloat16()
     y = torch.randint(0, V, (N,), generator=cpu_gen(8)).to(DEVICE)
@@ -384,7 +384,7 @@ def test_token_logprobs_peak_memory_quarter_of_naive():
     weight): peak CUDA memory above the inputs (gradients included, as they are outputs) of the kernel path
     (kernels.token_logprobs: Triton on CUDA) <= 1/4 of the naive path's, which holds (N, V) fp32 logits
     (1.2 GB each). The kernel path's peak is mostly the (V, C) weight gradient (272 MB)."""
-    from kernels.logprobs import token_logprobs_naive
+    from psyche.kernels.logprobs import token_logprobs_naive
 
     N, C, V = 2048, 896, 151936
     h = dev_randn(N, C, seed=10).bfloat16().requires_grad_()

@@ -20,16 +20,16 @@ import pytest
 import torch
 
 # triton reads TRITON_INTERPRET when `@triton.jit` runs: for its own helpers (tl.sum, ...) when triton is
-# first imported, for ours when kernels/ is. Set it before either; on a GPU machine leave it unset so that
+# first imported, for ours when psyche/kernels/ is. Set it before either; on a GPU machine leave it unset so that
 # the same tests run the compiled kernels on CUDA.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import kernels  # noqa: E402
-from kernels.logprobs import token_logprobs_naive, token_logprobs_ref  # noqa: E402
-from kernels.rmsnorm import rms_norm_ref  # noqa: E402
-from kernels.rotary import rotary_ref  # noqa: E402
-from kernels.swiglu import swiglu_ref  # noqa: E402
+from psyche import kernels  # noqa: E402
+from psyche.kernels.logprobs import token_logprobs_naive, token_logprobs_ref  # noqa: E402
+from psyche.kernels.rmsnorm import rms_norm_ref  # noqa: E402
+from psyche.kernels.rotary import rotary_ref  # noqa: E402
+from psyche.kernels.swiglu import swiglu_ref  # noqa: E402
 
 
 def _can_run_triton() -> bool:
@@ -93,7 +93,7 @@ def _rand(*shape, dtype=torch.float32, scale=1.0, seed=0):
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm(dtype):
-    from kernels.rmsnorm import rms_norm_triton
+    from psyche.kernels.rmsnorm import rms_norm_triton
 
     x, w = _rand(3, 123, 213, dtype=dtype, scale=3.0), (1 + _rand(213, scale=0.5, seed=1)).to(dtype)  # 369 rows
     ref = _fwd_bwd(lambda x, w: rms_norm_ref(x, w, 1e-6), _leaves(x, w))
@@ -104,7 +104,7 @@ def test_rms_norm(dtype):
 
 @needs_triton
 def test_rms_norm_strided_input_and_frozen_weight():
-    from kernels.rmsnorm import rms_norm_triton
+    from psyche.kernels.rmsnorm import rms_norm_triton
 
     x = _rand(37, 5, 64).transpose(0, 1)  # (5, 37, 64), rows not contiguous
     w = 1 + _rand(64, scale=0.5, seed=1)
@@ -127,7 +127,7 @@ def _cos_sin(B, T, D, dtype, theta=1e4):
 @pytest.mark.parametrize("dtype,B_cos", [(torch.float32, "per-row"), (torch.bfloat16, "per-row"),
                                          (torch.float32, "broadcast")])
 def test_rotary(dtype, B_cos):
-    from kernels.rotary import rotary_triton
+    from psyche.kernels.rotary import rotary_triton
 
     B, T, H, K, D = 3, 23, 7, 1, 18  # 7 query heads per kv head (7B's ratio); D/2 = 9, not a power of 2
     q0, k0 = _rand(B, T, H, D, dtype=dtype), _rand(B, K, T, D, dtype=dtype, seed=1)
@@ -148,7 +148,7 @@ def test_rotary(dtype, B_cos):
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_swiglu(dtype):
-    from kernels.swiglu import swiglu_triton
+    from psyche.kernels.swiglu import swiglu_triton
 
     g, u = _rand(3, 423, 213, dtype=dtype, scale=3.0), _rand(3, 423, 213, dtype=dtype, seed=1)
     ref = _fwd_bwd(swiglu_ref, _leaves(g, u))
@@ -191,8 +191,8 @@ def test_token_logprobs_uniform_grad_equals_naive(temperature, block, monkeypatc
     """The uniform-gradient path (gradients made in the forward): SFT's loss -sum(logp) / n gives the naive
     computation's values and gradients; a loss it was not chosen for (random upstream gradients on both
     outputs, as GRPO's) is still differentiated exactly, by recomputing; so is a frozen lm_head."""
-    import kernels.logprobs as lp_mod
-    from kernels.logprobs import token_logprobs_uniform_grad
+    import psyche.kernels.logprobs as lp_mod
+    from psyche.kernels.logprobs import token_logprobs_uniform_grad
 
     monkeypatch.setattr(lp_mod, "FUSED_BLOCK", block)
     h, w, y = _lp_inputs()
@@ -216,7 +216,7 @@ def test_token_logprobs_uniform_grad_equals_naive(temperature, block, monkeypatc
 def test_token_logprobs_dispatch_takes_the_uniform_grad_path_for_large_vocabularies(monkeypatch):
     """kernels.token_logprobs(uniform_grad=True) takes the uniform-gradient path from UNIFORM_GRAD_MIN_VOCAB
     on (not under the Triton kernels), the streaming reference below it and without the flag."""
-    import kernels.logprobs as lp_mod
+    import psyche.kernels.logprobs as lp_mod
 
     monkeypatch.setenv("PSYCHE_KERNELS", "reference")
     taken = []
@@ -235,7 +235,7 @@ def test_token_logprobs_dispatch_takes_the_uniform_grad_path_for_large_vocabular
 @needs_triton
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_logprobs_triton_fp32(temperature):
-    from kernels.logprobs import token_logprobs_triton
+    from psyche.kernels.logprobs import token_logprobs_triton
 
     h, w, y = _lp_inputs()
     ref = _exact(h, w, y, temperature, torch.float32)
@@ -248,7 +248,7 @@ def test_token_logprobs_triton_fp32(temperature):
 def test_token_logprobs_triton_bf16():
     """bf16 inputs: the kernel accumulates logits in fp32 and never rounds them, so its log-probs equal the
     exact computation on the same (bf16) values to fp32 tolerance; the gradients come back in bf16."""
-    from kernels.logprobs import token_logprobs_triton
+    from psyche.kernels.logprobs import token_logprobs_triton
 
     h, w, y = _lp_inputs(torch.bfloat16)
     ref = _exact(h, w, y, 0.7, torch.bfloat16)
@@ -260,7 +260,7 @@ def test_token_logprobs_triton_bf16():
 @needs_triton
 def test_token_logprobs_triton_partial_grads():
     """Only the log-prob used (entropy's gradient is zero), and a frozen lm_head (no weight grad)."""
-    from kernels.logprobs import token_logprobs_triton
+    from psyche.kernels.logprobs import token_logprobs_triton
 
     h, w, y = _lp_inputs()
     hr, hg = _leaves(h, h)
@@ -340,7 +340,8 @@ def test_everything_imports_and_runs_without_triton_or_flash_attn():
         sys.modules["flash_attn"] = None
         import os
         os.environ["PSYCHE_KERNELS"] = "triton"  # asks for Triton: must fall back, not fail
-        import torch, kernels
+        import torch
+        from psyche import kernels
         from psyche.config import preset
         from psyche.model import build_model
         assert not kernels.HAS_TRITON and not kernels.use_triton(torch.zeros(1))
@@ -375,7 +376,7 @@ import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-R, RO, S, L = (importlib.import_module("kernels." + m) for m in ("rmsnorm", "rotary", "swiglu", "logprobs"))
+R, RO, S, L = (importlib.import_module("psyche.kernels." + m) for m in ("rmsnorm", "rotary", "swiglu", "logprobs"))
 FP32_PTRS = {"RSTD", "DW_PART", "PART", "LSE", "ENT", "DLOGP", "DENT"}
 SIZES = {"N", "M", "V", "C", "T"}  # upper-case but scalars
 
@@ -432,8 +433,9 @@ def test_kernels_compile_for_a_gpu():
 # ---------------------------------------------------------------------------------------------- memory
 
 _PEAK = """
-import sys, torch, kernels
-from kernels.logprobs import token_logprobs_naive
+import sys, torch
+from psyche import kernels
+from psyche.kernels.logprobs import token_logprobs_naive
 N, C, V = {N}, {C}, 151936
 g = torch.Generator().manual_seed(0)
 h = torch.randn(N, C, generator=g).requires_grad_()

@@ -97,7 +97,7 @@ def test_targets_path_runs_the_lm_head_in_the_autocast_dtype(monkeypatch):
     """Under autocast the fused log-prob path gets hidden states and lm_head weight in the autocast dtype, as the
     lm_head Linear of the logits path would (not fp32: on a GPU that would bypass the bf16 tensor cores), and its
     log-probs match the autocast logits path's."""
-    import kernels
+    from psyche import kernels
 
     seen = []
     real = kernels.token_logprobs

@@ -68,7 +68,7 @@ def test_activation_checkpointing_and_compile_change_nothing(setup, kw):
 def test_the_uniform_gradient_lm_head_path_changes_nothing(setup, monkeypatch):
     """SFT asks for the lm_head path that makes the gradients in the forward (taken from a vocabulary size on,
     here forced at the tiny one): the same losses and weights as the streaming path, accumulation included."""
-    import kernels
+    from psyche import kernels
 
     init, tok, samples = setup
     monkeypatch.setattr(kernels, "UNIFORM_GRAD_MIN_VOCAB", 1 << 40)
@@ -193,7 +193,7 @@ def test_sigkill_mid_checkpoint_and_mid_run_then_resume_is_exact(reference_run, 
 
 
 def test_non_finite_loss_stops_without_touching_the_last_checkpoint(tmp_path, monkeypatch):
-    import kernels
+    from psyche import kernels
 
     orig, calls = kernels.token_logprobs, [0]
 

@@ -7,7 +7,7 @@ with a (.., I) temporary between them) and one pass backward producing both grad
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import tl, triton
+from psyche.kernels._triton import tl, triton
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

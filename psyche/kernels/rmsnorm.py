@@ -6,7 +6,7 @@ one pass per row plus a tiny column sum (backward), keeping only rstd (one fp32 
 
 import torch
 
-from kernels._triton import num_programs, row_warps, rows_2d, tl, triton
+from psyche.kernels._triton import num_programs, row_warps, rows_2d, tl, triton
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -27,7 +27,7 @@ Targets must lie in [0, V): mask ignored positions in the loss, not here.
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import dot_dtype, num_programs, tl, triton
+from psyche.kernels._triton import dot_dtype, num_programs, tl, triton
 
 
 def _view(buf, n, v):

@@ -8,7 +8,7 @@ kernel with the sign of sin flipped. cos/sin get no gradient: they are a functio
 
 import torch
 
-from kernels._triton import tl, triton
+from psyche.kernels._triton import tl, triton
 
 
 def _rotate_half(x):

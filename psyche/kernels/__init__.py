@@ -18,15 +18,15 @@ import importlib
 import importlib.util
 import os
 
-from kernels._triton import triton as _triton_or_none
-from kernels.attention import attention_flash, attention_ref, cu_seqlens_from_doc_ids
-from kernels.logprobs import token_logprobs_naive, token_logprobs_ref
-from kernels.rmsnorm import rms_norm_ref
-from kernels.rotary import rotary_ref
-from kernels.swiglu import swiglu_ref
+from psyche.kernels._triton import triton as _triton_or_none
+from psyche.kernels.attention import attention_flash, attention_ref, cu_seqlens_from_doc_ids
+from psyche.kernels.logprobs import token_logprobs_naive, token_logprobs_ref
+from psyche.kernels.rmsnorm import rms_norm_ref
+from psyche.kernels.rotary import rotary_ref
+from psyche.kernels.swiglu import swiglu_ref
 
 # The op modules under private names (`kernels.rotary` and `kernels.swiglu` are the dispatching functions).
-_rmsnorm, _rotary, _swiglu, _logprobs = (importlib.import_module(f"kernels.{m}")
+_rmsnorm, _rotary, _swiglu, _logprobs = (importlib.import_module(f"psyche.kernels.{m}")
                                          for m in ("rmsnorm", "rotary", "swiglu", "logprobs"))
 
 HAS_TRITON = _triton_or_none is not None

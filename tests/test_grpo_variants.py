@@ -82,6 +82,82 @@ def test_policy_losses_equal_verl(dtype, with_weights):
             assert all(v.dim() == 0 for v in stats.values())  # statistics stay 0-d tensors
 
 
+def _weighted_case(dtype, mode, seed=0):
+    """8 rows x 12 tokens in groups of 4: current = old + 0.3·randn, sampler = old + 0.3·randn, and the
+    rollout-correction weights of `mode` (token TIS at 1.2 or token MIS in [0.8, 1.2]) with some tokens cut."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = 8, 12
+    lengths = torch.randint(4, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None] < lengths[:, None]
+    old = -torch.rand(B, T, generator=g, dtype=dtype) * 3
+    logp = old + 0.3 * torch.randn(B, T, generator=g, dtype=dtype)
+    sampler = old + 0.3 * torch.randn(B, T, generator=g, dtype=dtype)
+    adv = compute_advantages(torch.rand(B, generator=g, dtype=dtype), 4)
+    w, st = rollout_correction(old, sampler, mask, mode, threshold=1.2, low=0.8)
+    assert float(st["rc/truncated_frac"] + st["rc/masked_frac"]) > 0  # the weights bite
+    return logp, old, adv, mask, w
+
+
+def _grad(fn, logp):
+    lp = logp.clone().requires_grad_(True)
+    loss = fn(lp)
+    loss.backward()
+    return loss.detach(), lp.grad
+
+
+@pytest.mark.parametrize("mode", ["tis", "mis"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gspo_with_token_weights_has_verls_gradient(mode, agg, dtype):
+    """GSPO (ratio_level = sequence) under a per-token rollout correction: the loss and its gradient with
+    respect to the current log-probs equal verl's GSPO-token form, and a token masked IS set to 0 gets none."""
+    ca, _, _, ActorConfig, PolicyLossConfig = _verl()
+    logp, old, adv, mask, w = _weighted_case(dtype, mode)
+    m = mask.to(dtype)
+    cfg = _actor(ActorConfig, PolicyLossConfig, "gspo", clip_ratio=0.05, clip_ratio_low=0.05, clip_ratio_high=0.08)
+    A2 = adv[:, None].expand_as(logp) * m
+    ref, ref_g = _grad(lambda lp: ca.get_policy_loss_fn("gspo")(old, lp, A2, m, loss_agg_mode=agg, config=cfg,
+                                                                  rollout_is_weights=w)[0], logp)
+    got, got_g = _grad(lambda lp: policy_loss(lp, old, adv, mask, clip_low=0.05, clip_high=0.08,
+                                              ratio_level="sequence", agg=agg, weights=w)[0], logp)
+    assert torch.allclose(got, ref, atol=TOL[dtype], rtol=TOL[dtype]), (got, ref)
+    assert torch.allclose(got_g, ref_g, atol=TOL[dtype], rtol=TOL[dtype]), float((got_g - ref_g).abs().max())
+    cut = mask & (w == 0)
+    assert torch.equal(got_g[cut], torch.zeros_like(got_g[cut])) and got_g[mask & (w > 0)].abs().sum() > 0
+    if mode == "mis":
+        assert cut.any()
+    # without weights, GSPO-token and the broadcast sequence ratio have the same gradient
+    plain, plain_g = _grad(lambda lp: policy_loss(lp, old, adv, mask, clip_low=0.05, clip_high=0.08,
+                                                  ratio_level="sequence", agg=agg)[0], logp)
+
+    def broadcast(lp):
+        s = (((lp - old) * m).sum(-1) / m.sum(-1)).exp()[:, None].expand_as(lp)
+        tok = torch.maximum(-adv[:, None] * s, -adv[:, None] * s.clamp(0.95, 1.08))
+        return (tok * m).sum() / m.sum() if agg == "token-mean" else ((tok * m).sum(-1) / m.sum(-1)).mean()
+    by_hand, by_hand_g = _grad(broadcast, logp)
+    assert torch.allclose(plain, by_hand, atol=TOL[dtype]) and torch.allclose(plain_g, by_hand_g, atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", ["tis", "mis"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gmpo_with_token_weights_keeps_each_tokens_weight_in_its_gradient(mode, dtype):
+    """GMPO's value with per-token weights is verl's (the row scaled by its weights' geometric mean w_i); its
+    gradient at token t is verl's times w_t / w_i: each token learns by its own weight, a masked one not at all."""
+    ca, _, _, ActorConfig, PolicyLossConfig = _verl()
+    logp, old, adv, mask, w = _weighted_case(dtype, mode, seed=1)
+    m = mask.to(dtype)
+    cfg = _actor(ActorConfig, PolicyLossConfig, "geo_mean", clip_ratio=0.4, clip_ratio_low=0.4, clip_ratio_high=0.4)
+    A2 = adv[:, None].expand_as(logp) * m
+    ref, ref_g = _grad(lambda lp: ca.get_policy_loss_fn("geo_mean")(old, lp, A2, m, loss_agg_mode="token-mean",
+                                                                      config=cfg, rollout_is_weights=w)[0], logp)
+    got, got_g = _grad(lambda lp: gmpo_loss(lp, old, adv, mask, clip_low=0.4, clip_high=0.4, weights=w)[0], logp)
+    assert torch.allclose(got, ref, atol=TOL[dtype], rtol=TOL[dtype]), (got, ref)
+    w_seq = torch.exp((torch.log(w + 1e-10) * m).sum(-1) / (m.sum(-1) + 1e-8))
+    want = ref_g * w / w_seq[:, None] * m
+    assert torch.allclose(got_g, want, atol=TOL[dtype], rtol=TOL[dtype]), float((got_g - want).abs().max())
+    assert torch.equal(got_g[mask & (w == 0)], torch.zeros_like(got_g[mask & (w == 0)]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_clip_cov_and_kl_cov_equal_verl_on_the_same_tokens(dtype):
     """verl chooses the tokens from the micro-batch's current log-probs; given the same log-probs (and the same
@@ -273,11 +349,14 @@ def _batch(seed=0, N=8, T=14, P=4):
     return b
 
 
-@pytest.mark.parametrize("policy", POLICY_LOSSES)
+@pytest.mark.parametrize("policy", POLICY_LOSSES + ("gspo",))
 def test_every_policy_loss_gives_the_same_gradient_for_1_or_4_micro_batches(policy):
     b = _batch(seed=8)
+    level = "sequence" if policy == "gspo" else "token"
+    policy = "ppo" if policy == "gspo" else policy
     lc = LossConfig(policy_loss=policy, agg="seq-mean-token-mean" if policy == "sapo" else "token-mean",
-                    clip_cov_ratio=0.2, clip_cov_lb=0.0, kl_cov_ratio=0.2, rollout_correction="tis")
+                    clip_cov_ratio=0.2, clip_cov_lb=0.0, kl_cov_ratio=0.2, rollout_correction="tis",
+                    ratio_level=level)
     rows = list(range(8))
     if policy in ("clip_cov", "kl_cov"):
         select_cov_tokens(b, rows, lc, [policy], seed=11)
@@ -325,7 +404,8 @@ def test_each_variant_runs_the_tiny_job_and_logs_its_keys(tmp_path):
 
 RANK_CASES = [dict(policy_loss=p, clip_cov_ratio=0.2, clip_cov_lb=0.0, kl_cov_ratio=0.2) for p in POLICY_LOSSES] + \
     [dict(advantage=a) for a in NEW_ESTIMATORS] + [dict(rollout_correction=m, rc_threshold=1.1, rc_low=0.9)
-                                                   for m in ("tis", "seq_tis", "mis", "seq_mis")]
+                                                   for m in ("tis", "seq_tis", "mis", "seq_mis")] + \
+    [dict(ratio_level="sequence", rollout_correction="mis", rc_threshold=1.1, rc_low=0.9)]  # GSPO, token weights
 
 
 def rank_gradient(case, rows):
@@ -380,7 +460,7 @@ def test_every_variant_gives_the_same_gradient_on_1_or_2_ranks(tmp_path):
                        text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     two = torch.load(out, weights_only=True)
-    assert len(two) == len(RANK_CASES) == 14
+    assert len(two) == len(RANK_CASES) == 15
     for case, g2 in zip(RANK_CASES, two):  # the same batch held whole by this one process
         g1 = rank_gradient(case, list(range(8)))
         assert torch.allclose(g1, g2, atol=1e-6, rtol=1e-5), (case, float((g1 - g2).abs().max()))

@@ -159,28 +159,24 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
     Returns (loss, stats).
 
     ratio_level "token":    ρ_{i,t} = exp(lp_{i,t} − lp_old_{i,t})
-    ratio_level "sequence": ρ_{i,t} = s_i = exp(Σ_t m·(lp − lp_old) / Σ_t m)   (GSPO)
+    ratio_level "sequence": ρ_{i,t} = exp(sg(log s_i) + lp_{i,t} − sg(lp_{i,t})),
+                            s_i = exp(Σ_t m·(lp − lp_old) / Σ_t m)                (GSPO)
     ℓ_{i,t} = max(−A_i ρ, −A_i clip(ρ, 1 − clip_low, 1 + clip_high))            (PPO; DAPO when high > low)
     dual clip (c = dual_clip > 1): for A_i < 0, ℓ ← min(ℓ, −c·A_i)              (bounds the loss of
                                                                                  huge ratios on bad samples)
     loss = aggregate(w·ℓ, mask, agg, ...)  — see `aggregate`; w: rollout-correction weights (detached), or 1.
+
+    GSPO's ratio is written in the "GSPO-token" form of its paper (as verl writes it): its value is s_i at
+    every token, and ∂ρ_{i,t}/∂lp_{i,t} = s_i, so each token's weight w_{i,t} scales that token's own gradient.
+    Broadcasting s_i itself over the row gives the same value and, without per-token weights, the same
+    gradient, but it spreads the row's weighted loss evenly over the row's tokens: a token that masked IS set
+    to 0 would still learn. (psyche does not clamp log s_i at 10 as verl does: the value is exactly s_i.)
     stats (0-d float64 tensors): clip_frac_low (ρ < 1 − clip_low with A < 0: the clip removed the gradient),
     clip_frac_high (ρ > 1 + clip_high with A > 0), dual_clip_frac, ratio_mean / ratio_max / ratio_min over
     masked tokens (1 when the mask is empty).
     """
-    if ratio_level not in ("token", "sequence"):
-        raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
-    m = mask.to(logp.dtype)
-    log_ratio = (logp - old_logp) * m
-    if ratio_level == "token":
-        ratio = torch.exp(log_ratio)
-    else:
-        seq = log_ratio.sum(-1) / m.sum(-1).clamp(min=1)  # (B,)
-        ratio = torch.exp(seq)[:, None].expand_as(logp)
-    A = advantages.to(logp.dtype)[:, None]  # (B, 1)
-    unclipped = -A * ratio
-    clipped = -A * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    loss_tok = torch.maximum(unclipped, clipped)
+    loss_tok, ratio = _ppo_tokens(logp, old_logp, advantages, mask, clip_low, clip_high, ratio_level)
+    A = advantages.to(logp.dtype)[:, None]
     dual = torch.zeros_like(loss_tok, dtype=torch.bool)
     if dual_clip is not None:
         if dual_clip <= 1:
@@ -188,15 +184,33 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
         bound = -A * dual_clip
         dual = (A < 0) & (loss_tok > bound)
         loss_tok = torch.where(A < 0, torch.minimum(loss_tok, bound), loss_tok)
-    if weights is not None:
-        loss_tok = loss_tok * weights
-    loss = aggregate(loss_tok, mask, agg, norm_length=norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
+    loss = _weighted(loss_tok, mask, agg, weights, norm_length=norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
     with torch.no_grad():
-        mb = mask.bool()
-        stats = {"clip_frac_low": _frac((ratio < 1 - clip_low) & (A < 0), mb),
-                 "clip_frac_high": _frac((ratio > 1 + clip_high) & (A > 0), mb),
-                 "dual_clip_frac": _frac(dual, mb), **_ratio_stats(ratio, mb)}
+        stats = {**_clip_stats(ratio, A, mask, clip_low, clip_high), "dual_clip_frac": _frac(dual, mask.bool())}
     return loss, stats
+
+
+def _ppo_tokens(logp, old_logp, advantages, mask, clip_low, clip_high, ratio_level="token"):
+    """PPO's clipped per-token loss max(−A ρ, −A clip(ρ, 1 − clip_low, 1 + clip_high)) -> (loss (B, T), ρ)."""
+    if ratio_level not in ("token", "sequence"):
+        raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
+    m = mask.to(logp.dtype)
+    log_ratio = (logp - old_logp) * m
+    if ratio_level == "token":
+        ratio = torch.exp(log_ratio)
+    else:  # GSPO-token: value s_i, gradient per token (see policy_loss)
+        seq = log_ratio.sum(-1) / m.sum(-1).clamp(min=1)  # (B,) log s_i
+        ratio = torch.exp(seq.detach()[:, None] + (logp - logp.detach()))
+    A = advantages.to(logp.dtype)[:, None]
+    return torch.maximum(-A * ratio, -A * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)), ratio
+
+
+@torch.no_grad()
+def _clip_stats(ratio, A, mask, clip_low, clip_high) -> dict:
+    """clip_frac_low / clip_frac_high (the tokens whose gradient PPO's clip removed) and the ratio's stats."""
+    mb = mask.bool()
+    return {"clip_frac_low": _frac((ratio < 1 - clip_low) & (A < 0), mb),
+            "clip_frac_high": _frac((ratio > 1 + clip_high) & (A > 0), mb), **_ratio_stats(ratio, mb)}
 
 
 def _frac(x: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
@@ -260,7 +274,11 @@ def gmpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.4, clip_high=0.4, 
         d_{i,t} = lp − lp_old,   d̂ = sign(A_i) · min(sign(A_i)·d, sign(A_i)·clamp(d, −clip_low, clip_high))
         ρ_i = exp(Σ_t m·d̂ / (Σ_t m + 1e-8)),   ℓ_i = −A_i · ρ_i · w_i,   loss = Σ_i ℓ_i / n_seqs
 
-    w_i: the geometric mean of the row's rollout-correction weights. The loss is a mean over sequences
+    w_i: the geometric mean of the row's rollout-correction weights w_{i,t}, as in verl, for the value. The
+    gradient is not verl's: there every token of the row learns with the row's w_i (a token that masked IS
+    set to 0 still learns, and one weight stands for all); psyche keeps each token's own weight in its
+    gradient, ∂ℓ_i/∂lp_{i,t} = −A_i·ρ_i·w_{i,t}·∂d̂_{i,t}/∂lp_{i,t} / Σ_t m (the value is unchanged: the extra
+    term is x − sg(x), zero in value). The loss is a mean over sequences
     whatever `grpo.loss_agg` says (as in verl, whose GMPO ignores loss_agg_mode); n_seqs is the global
     count, so micro-batches and ranks sum to the mini-batch mean. Unlike verl, a row with no completion
     tokens (truncation = mask) contributes 0, not −A_i (its empty mean would make ρ_i = 1). The GMPO paper's
@@ -272,11 +290,16 @@ def gmpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.4, clip_high=0.4, 
     d_clamp = torch.clamp(d, -clip_low, clip_high)
     d_min = sgn * torch.minimum(sgn * d, sgn * d_clamp)
     n_tok = m.sum(-1)
-    ratio = torch.exp((d_min * m).sum(-1) / (n_tok + 1e-8))  # (B,)
+    log_ratio = (d_min * m).sum(-1) / (n_tok + 1e-8)  # (B,)
+    if weights is not None:  # value unchanged; token t's gradient scaled by w_t / w_i (see the docstring)
+        w_seq = torch.exp((torch.log(weights + 1e-10) * m).sum(-1) / (n_tok + 1e-8))
+        scale = weights * m / w_seq[:, None]
+        log_ratio = log_ratio.detach() + (scale * (d_min - d_min.detach())).sum(-1) / (n_tok + 1e-8)
+    ratio = torch.exp(log_ratio)
     A = advantages.to(logp.dtype)
     loss_seq = -A * ratio * (n_tok > 0).to(logp.dtype)
     if weights is not None:
-        loss_seq = loss_seq * torch.exp((torch.log(weights + 1e-10) * m).sum(-1) / (n_tok + 1e-8))
+        loss_seq = loss_seq * w_seq
     loss = loss_seq.sum() / max(float(n_seqs if n_seqs is not None else len(A)), 1.0)
     with torch.no_grad():
         mb = mask.bool()
@@ -373,7 +396,8 @@ def clip_cov_loss(logp, old_logp, advantages, mask, selected, *, clip_low=0.2, c
         ℓ_{i,t} = max(−A ρ, −A clip(ρ, 1 − clip_low, 1 + clip_high)) · (0 if selected else 1)
 
     cov_frac: the fraction of tokens cut; clip_frac_low/high as for ppo."""
-    loss_tok, stats = _ppo_tokens(logp, old_logp, advantages, mask, clip_low, clip_high)
+    loss_tok, ratio = _ppo_tokens(logp, old_logp, advantages, mask, clip_low, clip_high)
+    stats = _clip_stats(ratio, advantages.to(logp.dtype)[:, None], mask, clip_low, clip_high)
     loss_tok = loss_tok * (~selected).to(loss_tok.dtype)
     loss = _weighted(loss_tok, mask, agg, weights, norm_length=norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
     stats["cov_frac"] = _frac(selected, mask.bool())
@@ -395,18 +419,6 @@ def kl_cov_loss(logp, old_logp, advantages, mask, selected, *, coef=0.1, agg="to
     loss_tok = -A * ratio + coef * log_ratio.abs() * selected.to(logp.dtype)
     loss = _weighted(loss_tok, mask, agg, weights, norm_length=norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
     return loss, {**_unclipped_stats(ratio, mask), "cov_frac": _frac(selected, mask.bool())}
-
-
-def _ppo_tokens(logp, old_logp, advantages, mask, clip_low, clip_high):
-    m = mask.to(logp.dtype)
-    ratio = torch.exp((logp - old_logp) * m)
-    A = advantages.to(logp.dtype)[:, None]
-    loss_tok = torch.maximum(-A * ratio, -A * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
-    with torch.no_grad():
-        mb = mask.bool()
-        stats = {"clip_frac_low": _frac((ratio < 1 - clip_low) & (A < 0), mb),
-                 "clip_frac_high": _frac((ratio > 1 + clip_high) & (A > 0), mb), **_ratio_stats(ratio, mb)}
-    return loss_tok, stats
 
 
 # ---- rollout correction (grpo.rollout_correction) ----

@@ -191,7 +191,7 @@ def _one_step(model, opt, vocab, device):
 def fsdp_worker(a):
     from psyche import dist
     from psyche.config import OptimSection
-    from psyche.sft import build_model_for_training, build_optimizer
+    from psyche.run import build_model_for_training, build_optimizer
 
     rank, world, device = dist.init_distributed()
     model = build_model_for_training(Path(a.init), device)
@@ -205,7 +205,7 @@ def fsdp_worker(a):
 
 def bench_fsdp(a):
     from psyche.config import OptimSection
-    from psyche.sft import build_model_for_training, build_optimizer
+    from psyche.run import build_model_for_training, build_optimizer
     from psyche.weights import init_checkpoint
 
     cfg = model_config(a)

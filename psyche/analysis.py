@@ -351,8 +351,8 @@ def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_ou
     from psyche.config import load_run_config
     from psyche.grpo.diagnostics import StepDiagnostics, load_step_dump
     from psyche.dist import global_norm
-    from psyche.grpo import COV_LOSSES, LossConfig, micro_loss, select_cov_tokens, update_policy
-    from psyche.sft import build_model_for_training, build_optimizer, build_scheduler
+    from psyche.grpo import LossConfig, micro_loss, select_cov_tokens, selecting_losses, update_policy
+    from psyche.run import build_model_for_training, build_optimizer, build_scheduler
 
     dump = Path(dump)
     if not (dump / "step.json").is_file():
@@ -374,7 +374,7 @@ def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_ou
     kw["mini_batch_rows"] *= meta["world_size"]
 
     rows = list(range(min(kw["mini_batch_rows"], batch.input_ids.shape[0])))
-    if lc.policy_loss in COV_LOSSES:  # the tokens the run's update chose for its first mini-batch
+    if lc.policy_loss in selecting_losses():  # the tokens the run's update chose for its first mini-batch
         select_cov_tokens(batch, rows, lc, [lc.policy_loss], seed=kw.get("seed", 0))
     n_tok, n_seq = float(batch.mask[rows].sum()), float(len(rows))
     model.zero_grad(set_to_none=True)

@@ -70,10 +70,11 @@ def chat(model_dir, preset, system, temperature, top_p, top_k, max_new_tokens, s
     """Chat with a checkpoint in the terminal."""
     import torch
 
-    from psyche.sampler import generate
+    from psyche.sampler import SamplingParams, generate
     from psyche.tokenizer import Tokenizer
     from psyche.weights import load_pretrained
 
+    sampling = SamplingParams(temperature, top_p, top_k)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_pretrained(model_dir, dtype=getattr(torch, dtype) if dtype else None, device=device)
     if max_new_tokens >= cfg.max_position_embeddings:
@@ -113,9 +114,8 @@ def chat(model_dir, preset, system, temperature, top_p, top_k, max_new_tokens, s
         ids, messages = trim_history(tok, messages, system, cfg.max_position_embeddings - max_new_tokens)
         streamer = Streamer(tok, out, color)
         out.write("assistant> " if interactive else "")
-        r = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                     top_k=top_k, stop_token_ids=tok.stop_ids, seed=seed + turn, pad_id=tok.pad_id,
-                     on_token=streamer)
+        r = generate(model, [ids], max_new_tokens=max_new_tokens, sampling=sampling, stop_token_ids=tok.stop_ids,
+                     seed=seed + turn, pad_id=tok.pad_id, on_token=streamer)
         reply = tok.decode(r.tokens[0, : r.lengths[0]].tolist(), skip_special_tokens=True)
         out.write("\n" if r.finished[0] else " [truncated]\n")
         out.flush()

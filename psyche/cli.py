@@ -22,8 +22,9 @@ DEBUG_ENV = "PSYCHE_DEBUG"
 
 
 # The errors that are the input's fault or the environment's, not the code's, by module.
-USER_ERRORS = (("psyche.config", "ConfigError"), ("psyche.data", "DataError"), ("psyche.weights", "CheckpointError"),
-               ("psyche.tokenizer", "TokenizerError"), ("psyche.sft", "NonFiniteLossError"),
+USER_ERRORS = (("psyche.config", "ConfigError"), ("psyche.data", "DataError"),
+               ("psyche.hf_checkpoint", "CheckpointError"), ("psyche.tokenizer", "TokenizerError"),
+               ("psyche.run", "NonFiniteLossError"),
                ("psyche.rewards", "RewardError"), ("psyche.pceb", "BenchmarkError"),
                ("psyche.pipeline.io", "PipelineError"))
 
@@ -87,6 +88,7 @@ COMMANDS = {
     "compare": "psyche.analysis:compare_cmd",
     "replay": "psyche.analysis:replay_cmd",
     "task-eval": "psyche.recipe:task_eval_cmd",
+    "variants": "psyche.cli:variants",
 }
 
 
@@ -133,6 +135,28 @@ def init_model(preset_name, out, seed, tokenizer_vocab):
     path = init_checkpoint(out, preset_name, seed=seed, tokenizer_vocab=tokenizer_vocab)
     cfg = ModelConfig.from_dir(path)
     click.echo(f"wrote {path}: {cfg.num_params():,} parameters, vocab {cfg.vocab_size}")
+
+
+def variants_table() -> str:
+    """The README's table of every registered GRPO variant (psyche/grpo/loss.py REGISTRIES), defaults marked."""
+    from psyche.config import GRPOSection
+    from psyche.grpo.loss import NONE_FIRST, REGISTRIES
+
+    rows = ["| key | value | what it is |", "|---|---|---|"]
+    for key, reg in REGISTRIES.items():
+        default = getattr(GRPOSection(), key)
+        if key in NONE_FIRST:
+            rows.append(f"| `grpo.{key}` | `none`{' (default)' if default == 'none' else ''} | off |")
+        for name, entry in reg.items():
+            rows.append(f"| `grpo.{key}` | `{name}`{' (default)' if name == default else ''} | {entry.summary} |")
+    return "\n".join(rows)
+
+
+@click.command("variants")
+def variants():
+    """Print the table of every registered GRPO variant (estimators, policy losses, aggregations, KL kinds,
+    rollout corrections): the README's table is this output."""
+    click.echo(variants_table())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -19,6 +20,20 @@ from pathlib import Path
 # Keys a config.json must have; everything else has a Qwen2 default.
 REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 SUPPORTED_MODEL_TYPES = ("qwen2",)
+# What config.json's integer sizes may be: far beyond any Qwen2 (7B: hidden 3,584, 28 layers, vocab 152,064,
+# context 131,072), and small enough that a typo cannot ask for a model no machine holds.
+SIZE_RANGES = {"hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 18), "num_hidden_layers": (1, 1024),
+               "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024), "head_dim": (2, 1024),
+               "vocab_size": (1, 1 << 22), "max_position_embeddings": (1, 1 << 22)}
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # torch_dtype
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class ConfigError(ValueError):
@@ -49,17 +64,45 @@ class ModelConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
+        if (self.head_dim is None and _is_int(self.hidden_size) and _is_int(self.num_attention_heads)
+                and self.num_attention_heads > 0):
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
+                                  f"({self.num_attention_heads}) and no head_dim is given")
             self.head_dim = self.hidden_size // self.num_attention_heads
+        self.check()
+
+    def check(self):
+        """Every field in range, and the rules between them; a ConfigError naming the key. Arithmetic only: it
+        runs in microseconds whatever size the config describes (the model is never built here)."""
+        for key, (lo, hi) in SIZE_RANGES.items():
+            v = getattr(self, key)
+            if not _is_int(v) or not lo <= v <= hi:
+                raise ConfigError(f"{key} must be an integer in [{lo}, {hi}], got {v!r}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})"
-            )
+            raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                              f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        for key, lo, hi in (("rope_theta", 0.0, math.inf), ("rms_norm_eps", 0.0, 1.0)):
+            v = getattr(self, key)
+            if not _is_number(v) or not (lo < v < hi):
+                raise ConfigError(f"{key} must be a finite number in ({lo:g}, {hi:g}), got {v!r}")
+        for key in ("attention_dropout", "initializer_range"):
+            v = getattr(self, key)
+            if not _is_number(v) or not 0 <= v < (1 if key == "attention_dropout" else math.inf):
+                raise ConfigError(f"{key} must be a finite number >= 0{' and < 1' if key == 'attention_dropout' else ''}"
+                                  f", got {v!r}")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (Qwen2 uses 'silu')")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        if self.torch_dtype not in DTYPES:
+            raise ConfigError(f"torch_dtype must be one of {DTYPES}, got {self.torch_dtype!r}")
+        for key in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, key)
+            if v is not None and (not _is_int(v) or not 0 <= v < self.vocab_size):
+                raise ConfigError(f"{key} must be a token id in [0, vocab_size = {self.vocab_size}), got {v!r}")
 
     @property
     def dtype(self):
@@ -80,6 +123,8 @@ class ModelConfig:
     # ---- config.json in and out ----
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: a config.json must hold a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type", "qwen2")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"{source}: unsupported model_type {model_type!r} (supported: {SUPPORTED_MODEL_TYPES})")
@@ -88,6 +133,16 @@ class ModelConfig:
             raise ConfigError(f"{source}: missing required key(s) {missing}")
         d = dict(d)
         # transformers>=5 nests rope_theta in rope_parameters; older files keep it at the top level.
+        for key in ("rope_scaling", "rope_parameters"):
+            rope = d.get(key)
+            if rope is None:
+                continue
+            if not isinstance(rope, dict):
+                raise ConfigError(f"{source}: {key} must be an object or null, got {rope!r}")
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            if kind != "default":
+                raise ConfigError(f"{source}: {key} rope_type {kind!r} is not supported (psyche implements the "
+                                  "default rotary embedding; remove the key to run without the scaling)")
         if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):
             d["rope_theta"] = d["rope_parameters"].get("rope_theta", cls.rope_theta)
         if "torch_dtype" not in d and isinstance(d.get("dtype"), str):
@@ -95,12 +150,12 @@ class ModelConfig:
         if d.get("use_sliding_window"):
             raise ConfigError(f"{source}: use_sliding_window=true is not supported")
         if isinstance(d.get("eos_token_id"), list):
-            d["eos_token_id"] = d["eos_token_id"][0]
+            d["eos_token_id"] = d["eos_token_id"][0] if d["eos_token_id"] else None
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
         try:
             return cls(**kwargs)
-        except TypeError as e:
+        except (TypeError, ConfigError) as e:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
@@ -109,9 +164,11 @@ class ModelConfig:
         if not f.is_file():
             raise ConfigError(f"{f}: config.json not found")
         try:
-            d = json.loads(f.read_text())
+            d = json.loads(f.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        except (UnicodeDecodeError, RecursionError) as e:
+            raise ConfigError(f"{f}: not readable as JSON ({type(e).__name__})") from None
         return cls.from_dict(d, source=str(f))
 
     def to_hf_dict(self) -> dict:
@@ -154,6 +211,17 @@ def preset(name: str, **overrides) -> ModelConfig:
     return _preset(**{**PRESETS[name], **overrides})
 
 
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a token is drawn from the logits (psyche.sampler.sample): one value for the sampler, the engine,
+    evaluation and GRPO alike."""
+
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+
+
 # ============================================================================================================
 # Run configuration: nested dataclasses, read from TOML, overridden with `--set section.key=value`.
 #
@@ -168,6 +236,21 @@ def preset(name: str, **overrides) -> ModelConfig:
 def choices(default, *allowed):
     """A field whose value must be one of `allowed` (checked on load and on --set)."""
     return field(default=default, metadata={"choices": allowed})
+
+
+def variant(default: str):
+    """A grpo field whose value names a registered variant (psyche/grpo/loss.py REGISTRIES, under the field's
+    own name): checked against the registry when a value is given, so a variant registered in code is valid."""
+    return field(default=default, metadata={"registry": True})
+
+
+def allowed_values(section, f) -> tuple | None:
+    """The values field `f` of `section` may take (None: any of its type)."""
+    if f.metadata.get("registry"):
+        from psyche.grpo.loss import registered  # imported only when a variant is named
+
+        return tuple(registered(f.name))
+    return f.metadata.get("choices")
 
 
 @dataclass
@@ -257,17 +340,17 @@ class GRPOSection:
     temperature: float = 1.0  # sampling temperature; log-probs are recomputed at the same temperature
     top_p: float = 1.0  # truncation only chooses what can be sampled; reported log-probs are untruncated
     top_k: int = 0
+    min_p: float = 0.0
     max_prompt_length: int = 1024  # longer prompts are dropped (and counted) at load time
     max_new_tokens: int = 1024
-    advantage: str = choices("grpo", "grpo", "dr_grpo", "rloo", "batch_std", "reinforce_pp", "reinforce_pp_baseline",
-                             "opo", "grpo_passk")
+    advantage: str = variant("grpo")  # psyche/grpo/advantages.py ESTIMATORS
     std_ddof: int = 1
     adv_eps: float = 1e-6
     clip_low: float = 0.2
     clip_high: float = 0.2  # > clip_low: DAPO's clip-higher
     dual_clip: float = 0.0  # c > 1 enables dual clip; 0 disables
     ratio_level: str = choices("token", "token", "sequence")  # sequence: GSPO (policy_loss = ppo)
-    policy_loss: str = choices("ppo", "ppo", "cispo", "gmpo", "sapo", "clip_cov", "kl_cov")  # grpo/loss.py
+    policy_loss: str = variant("ppo")  # psyche/grpo/loss.py POLICY_LOSSES
     sapo_tau_pos: float = 1.0  # SAPO's gate temperatures for A > 0 / A <= 0
     sapo_tau_neg: float = 1.05
     clip_cov_ratio: float = 0.0002  # Clip-Cov: share of tokens whose gradient is cut ...
@@ -275,16 +358,15 @@ class GRPOSection:
     clip_cov_ub: float = 5.0
     kl_cov_ratio: float = 0.0002  # KL-Cov: share of tokens (largest covariance) penalised ...
     kl_cov_coef: float = 0.1  # ... by coef * |log ratio|
-    rollout_correction: str = choices("none", "none", "tis", "seq_tis", "mis", "seq_mis")  # sampler-trainer
+    rollout_correction: str = variant("none")  # sampler-trainer
     rc_threshold: float = 2.0  # TIS: weights truncated at this; MIS: the band's upper end
     rc_low: float = 0.5  # MIS: the band's lower end
     sampler_dtype: str = choices("auto", "auto", "float32", "bfloat16", "float16")  # rollouts' compute dtype;
     #                                                    auto: model.dtype's. bfloat16 vs an fp32 trainer makes a real gap
-    loss_agg: str = choices("token-mean", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                            "seq-mean-token-sum-norm")
+    loss_agg: str = variant("token-mean")  # psyche/grpo/loss.py AGGS
     norm_length: int = 0  # seq-mean-token-sum-norm's constant; 0: max_new_tokens
     kl_coef: float = 0.001
-    kl_kind: str = choices("k3", "k1", "k2", "k3")
+    kl_kind: str = variant("k3")  # psyche/grpo/loss.py KL_KINDS
     kl_mode: str = choices("loss", "loss", "reward")  # β·KL in the loss, or −β·Σ_t KL_t in the reward
     ref_offload: bool = False  # keep the reference model on the CPU between uses
     ref_reset_every: int = 0  # > 0: copy the policy into the reference every N steps
@@ -308,6 +390,11 @@ class GRPOSection:
     replay_steps: list[int] = field(default_factory=list)  # dump these steps to RUN_DIR/replay/ (psyche replay)
     replay_every: int = 0  # > 0: also dump every N steps
     optim: OptimSection = field(default_factory=_grpo_optim)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """The rollouts' sampling settings (temperature, top_p, top_k, min_p)."""
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.min_p)
 
 
 @dataclass
@@ -386,7 +473,7 @@ def _coerce(value, tp, where: str):
 def _set_field(obj, name: str, value, where: str):
     f = next(f for f in dataclasses.fields(obj) if f.name == name)
     value = _coerce(value, typing.get_type_hints(type(obj))[name], where)
-    allowed = f.metadata.get("choices")
+    allowed = allowed_values(obj, f)
     if allowed and value not in allowed:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
     setattr(obj, name, value)

@@ -284,12 +284,6 @@ def tokenize(messages_list, tokenizer, max_length: int, truncation: str = "drop"
     return Samples(ids, masks, sources, len(messages_list), dropped, truncated)
 
 
-def load_sft_samples(data_cfg, tokenizer) -> Samples:
-    """The `data` config section -> tokenised Samples."""
-    msgs = load_messages(data_cfg.paths, data_cfg.format)
-    return tokenize(msgs, tokenizer, data_cfg.max_length, data_cfg.truncation, data_cfg.system)
-
-
 # ---- packing and batching ----
 
 def pack(lengths, capacity: int) -> list[list[int]]:

@@ -2,9 +2,10 @@
 run through `sampler.generate` as rows of one batch per sampling setting, each row with its own seed and
 max_tokens; a row leaves when it ends or its request is cancelled.
 
-Requests that share sampling settings (temperature, top_p, top_k, min_p) run as rows of one batch; a row's
+Requests that share sampling settings (a SamplingParams) run as rows of one batch; a row's
 output is what `sampler.generate` gives for it alone (per-row seeds make rows independent of their batch
-mates). Left rows are dropped from the KV cache like finished ones, a batch whose rows have all left ends at
+mates). Left rows stop like finished ones and leave the batch with them (the eager path compacts its KV cache,
+the static one rebuckets; see psyche/sampler.py), a batch whose rows have all left ends at
 once, and a cancelled request still in the queue is never started. `Engine.run` is synchronous; `Engine.start`
 adds a queue and one worker thread that gathers whatever is waiting into one batch, which is how concurrent
 HTTP requests get batched (psyche/serve.py).
@@ -17,6 +18,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from psyche.config import SamplingParams
+
 
 @dataclass
 class GenRequest:
@@ -24,10 +27,7 @@ class GenRequest:
     prompt: list[int]
     max_tokens: int
     n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
+    sampling: SamplingParams = SamplingParams()
     seed: int = 0  # row j's sampler seed is row_seeds(seed, n)[j]
     on_token: object = None  # optional callback(row j, token id), called from the engine's thread
     tokens: list = field(default_factory=list)  # n lists of token ids (the stop token included)
@@ -35,9 +35,6 @@ class GenRequest:
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: threading.Event = field(default_factory=threading.Event)  # set by `cancel`: nobody waits for it
-
-    def sampling_key(self):
-        return (self.temperature, self.top_p, self.top_k, self.min_p)
 
     def cancel(self):
         """The client went away: the engine stops this request's rows (or never starts them) and sets `done`."""
@@ -78,7 +75,7 @@ class Engine:
                 self._fail(r, f"prompt ({len(r.prompt)}) + max_tokens ({r.max_tokens}) does not fit the context "
                               f"({self.max_len})")
                 continue
-            groups.setdefault(r.sampling_key(), []).append(r)
+            groups.setdefault(r.sampling, []).append(r)
         for reqs in groups.values():
             batch, longest, most = [], 0, 0
             for r in sorted(reqs, key=lambda r: len(r.prompt)):
@@ -109,13 +106,13 @@ class Engine:
 
     def _decode(self, batch: list[GenRequest], owner: list[tuple]):
         """One `sampler.generate` call over the rows `owner`: each row ends at its stop token, at its own
-        max_tokens or when its request is cancelled (a client that disconnected), and leaves the KV cache
-        with the finished ones; a request is done when all its rows have ended."""
+        max_tokens or when its request is cancelled (a client that disconnected), and leaves the batch with the
+        finished ones (at the sampler's next compaction or rebucketing); a request is done when all its rows
+        have ended."""
         import torch
 
         from psyche.sampler import generate, row_seeds
 
-        s = batch[0]
         seeds = torch.cat([row_seeds(r.seed, r.n) for r in batch])
         limits = torch.tensor([r.max_tokens for r, _ in owner])
         left = {id(r): r.n for r in batch}  # rows still running, per request
@@ -152,9 +149,8 @@ class Engine:
             return out
 
         generate(self.model, [r.prompt for r, _ in owner], max_new_tokens=int(limits.max()),
-                 temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
-                 stop_token_ids=sorted(self.stop_ids), pad_id=self.tok.pad_id, seeds=seeds, on_token=on_token,
-                 row_max_tokens=limits, should_end=should_end)
+                 sampling=batch[0].sampling, stop_token_ids=sorted(self.stop_ids), pad_id=self.tok.pad_id,
+                 seed=seeds, on_token=on_token, row_max_tokens=limits, should_end=should_end)
 
     @staticmethod
     def _fail(r: GenRequest, msg: str):

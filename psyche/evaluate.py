@@ -419,7 +419,7 @@ def generate_responses(model, tokenizer, items: list[Item], style: str = "psyche
     """Responses of `model` to every item's chat prompt: prompts sorted by length and batched, each item with its
     own sampling seed (so results do not depend on the batch size; temperature 0 is greedy). An item whose prompt
     leaves no room for max_new_tokens in the model's context gets "" (it then counts as missing)."""
-    from psyche.sampler import generate_texts, row_seeds
+    from psyche.sampler import SamplingParams, generate_texts, row_seeds
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     prompts = [tokenizer.encode(tokenizer.render_chat(build_prompt(it, style), add_generation_prompt=True))
@@ -432,7 +432,7 @@ def generate_responses(model, tokenizer, items: list[Item], style: str = "psyche
             log(f"skip {items[i].id}: prompt of {len(prompts[i])} tokens leaves no room for {max_new_tokens}")
     todo = [i for i in order if len(prompts[i]) <= room]
     texts = generate_texts(model, tokenizer, [prompts[i] for i in todo], batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           seeds=row_seeds(seed, len(items))[todo], log=log)
+                           max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature, top_p),
+                           seed=row_seeds(seed, len(items))[todo], log=log)
     responses.update({items[i].id: t for i, t in zip(todo, texts)})
     return responses

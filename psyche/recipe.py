@@ -279,7 +279,7 @@ def answer_items(model_dir: Path, items: list[Item], *, batch_size: int, max_new
                  seed=0) -> list[str]:
     """Greedy (or sampled) responses of a checkpoint to the items' task prompts, in order (an item listed k
     times is sampled k times, each with its own row seed)."""
-    from psyche.sampler import generate_texts
+    from psyche.sampler import SamplingParams, generate_texts
     from psyche.tokenizer import Tokenizer
     from psyche.weights import load_pretrained
 
@@ -287,7 +287,7 @@ def answer_items(model_dir: Path, items: list[Item], *, batch_size: int, max_new
     tok = Tokenizer.from_dir(model_dir)
     prompts = [tok.encode_chat(task_prompt(it), add_generation_prompt=True)[0] for it in items]
     return generate_texts(model, tok, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                          temperature=temperature, seed=seed)
+                          sampling=SamplingParams(temperature), seed=seed)
 
 
 def evaluate_model(model_dir: Path, items: list[Item], rc) -> tuple[dict, dict]:

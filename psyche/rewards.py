@@ -1,7 +1,7 @@
 """Rewards for GRPO: Psyche-R1's format reward and multiple-choice accuracy, composable with weights.
 
 A reward function is any callable `(prompt: str, completion: str, item: dict | Item) -> float`, registered
-by name so a run config can say `rewards = {format = 0.1, accuracy = 1.0}`. Answers are extracted with the
+by name so a run config can say `rewards = ["format", "accuracy"]` with `reward_weights = [0.1, 1.0]`. Answers are extracted with the
 PCEB scoring rules (psyche.evaluate.extract_answer): regular expressions only, model text is never run.
 """
 

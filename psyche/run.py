@@ -1,4 +1,5 @@
-"""What every training stage does around its own loop, written once (SFT and GRPO both use it).
+"""What every training stage does around its own loop, written once (SFT and GRPO both use it): the model it
+starts from (prepare_init, build_model_for_training), AdamW and the LR schedule, and the run around the loop.
 
     rank, world, device = begin(cfg, check_sft)          # validate the whole config, init ranks, seed, print it
     init_dir = prepare_init(...)                         # (the stage reads its inputs here)
@@ -17,13 +18,16 @@ checkpoint is loaded, so a bad input leaves the run directory as it was.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from psyche import dist
-from psyche.checkpoint import export_hf, fault, latest_checkpoint, load_checkpoint, save_checkpoint
+from psyche.checkpoint import (export_hf, fault, latest_checkpoint, load_checkpoint, load_full_model_state,
+                               read_safetensors_dir, save_checkpoint)
 from psyche.config import ConfigError, ModelConfig, config_diff, load_run_config, to_toml
 from psyche.metrics import MetricsLogger, step_line
 
@@ -31,6 +35,116 @@ from psyche.metrics import MetricsLogger, step_line
 class NonFiniteLossError(RuntimeError):
     pass
 
+
+# ---- what a stage starts from: the model, the optimizer, the LR schedule ----
+
+def prepare_init(init: str, run_dir: Path, seed: int, texts=None) -> Path:
+    """The HF checkpoint directory to start from. "preset:NAME" makes RUN_DIR/init once (rank 0; a random
+    model and a BPE tokenizer trained on `texts`) and reuses it on resume."""
+    if not init.startswith("preset:"):
+        path = Path(init)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.init = {init!r}: no config.json there (a checkpoint directory, or "
+                                    "'preset:NAME')")
+        return path
+    path = run_dir / "init"
+    if dist.is_main() and not (path / "config.json").is_file():
+        from psyche.weights import init_checkpoint
+
+        init_checkpoint(path, init.removeprefix("preset:"), seed=seed, texts=texts)
+    dist.barrier()
+    return path
+
+
+def build_model_for_training(init_dir: Path, device: torch.device, *, compute_dtype=torch.float32,
+                             activation_checkpointing=False, compile=False) -> nn.Module:
+    """fp32 master weights from `init_dir`, parallelized (psyche.dist.parallelize), on `device`.
+
+    One rank: load, then AC/compile. Several ranks: build on the meta device, fully_shard, materialise only
+    the local shards, and let rank 0 alone read the files and broadcast (no rank holds two full copies).
+    """
+    cfg = ModelConfig.from_dir(init_dir)
+    kw = dict(activation_checkpointing=activation_checkpointing, compile=compile, param_dtype=compute_dtype,
+              reduce_dtype=torch.float32)
+    if dist.get_world_size() == 1:
+        from psyche.weights import load_pretrained
+
+        model, _ = load_pretrained(init_dir, dtype=torch.float32, device=device)
+        check_finite_weights(model, init_dir)
+        return dist.parallelize(model.train(), **kw)
+    from psyche.hf_checkpoint import check_checkpoint
+    from psyche.model import Qwen2
+
+    check_checkpoint(cfg, init_dir)
+    with torch.device("meta"):
+        model = Qwen2(cfg)
+    dist.parallelize(model, **kw)
+    model.to_empty(device=device)
+    sd = {}
+    if dist.is_main():
+        sd = {k: v.float() for k, v in read_safetensors_dir(init_dir).items()}
+        if cfg.tie_word_embeddings:
+            sd.setdefault("lm_head.weight", sd["model.embed_tokens.weight"])
+    load_full_model_state(model, sd)
+    check_finite_weights(model, init_dir)
+    return model.train()
+
+
+def check_finite_weights(model: nn.Module, source: Path):
+    """A model with a NaN or inf weight (a diverged run's checkpoint) cannot be trained from: a CheckpointError
+    naming the tensor, before anything is written. Each rank looks at its own shards."""
+    from psyche.hf_checkpoint import CheckpointError
+
+    bad = [n for n, p in model.named_parameters()
+           if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())]
+    n_bad = dist.sum_over_ranks(len(bad))
+    if n_bad:
+        where = f"tensor {bad[0]!r}" if bad else "a tensor (on another rank)"
+        raise CheckpointError(f"{source}: {where} holds NaN or inf: the checkpoint is broken (a run that "
+                              "diverged?); nothing was written")
+
+
+def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (biases and norm weights are 1-D and not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+
+
+class LRSchedule:
+    """LR multiplier for optimizer step s (0-based), W warm-up steps, S total steps, floor m:
+
+        s < W:  (s + 1) / W                                         linear warm-up, no zero-LR step
+        else:   p = (s - W) / max(1, S - W);  cosine: m + (1 - m) * (1 + cos(pi * p)) / 2
+                                              linear: m + (1 - m) * (1 - p);   constant: 1
+    A plain object so LambdaLR's state_dict saves its fields (resume needs no pickled function).
+    """
+
+    def __init__(self, warmup: int, total: int, kind: str = "cosine", min_ratio: float = 0.0):
+        self.warmup, self.total, self.kind, self.min_ratio = warmup, total, kind, min_ratio
+
+    def __call__(self, s: int) -> float:
+        if s < self.warmup:
+            return (s + 1) / self.warmup
+        p = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
+        m = self.min_ratio
+        if self.kind == "cosine":
+            return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * p))
+        if self.kind == "linear":
+            return m + (1 - m) * (1 - p)
+        return 1.0
+
+
+def build_scheduler(optimizer, optim_cfg, total_steps: int):
+    warmup = optim_cfg.warmup_steps or math.ceil(optim_cfg.warmup_ratio * total_steps)
+    sched = LRSchedule(warmup, total_steps, optim_cfg.schedule, optim_cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, sched), warmup
+
+
+# ---- the stage around its loop ----
 
 def begin(cfg, check) -> tuple[int, int, torch.device]:
     """Validate the whole config (`check`, from psyche.validate) before anything is computed or written, set
@@ -53,8 +167,6 @@ class Run:
     """One stage's model, optimizer, LR schedule, precision, logger, progress bar and checkpoints."""
 
     def __init__(self, cfg, init_dir: Path, device: torch.device, optim_cfg, total: int):
-        from psyche.sft import build_model_for_training, build_optimizer, build_scheduler
-
         self.cfg, self.init_dir, self.device, self.total = cfg, Path(init_dir), device, total
         self.dir = Path(cfg.run.out)
         self.model_cfg = ModelConfig.from_dir(init_dir)

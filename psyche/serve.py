@@ -47,6 +47,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import click
 
+from psyche.config import SamplingParams
 from psyche.engine import Engine, GenRequest, Overloaded  # noqa: F401 (re-exported: the engine behind the server)
 
 MAX_N = 16
@@ -141,14 +142,16 @@ def parse_request(body, *, tokenizer, model_name: str, max_len: int, max_tokens_
     for key in ("temperature", "top_p", "top_k", "min_p", "n", "seed", "max_tokens", "max_completion_tokens"):
         if key in body and body[key] is None:
             del body[key]  # explicit null = default
+    sampling = {}
     if "temperature" in body:
-        g.temperature = _num(body, "temperature", 0.0, 2.0)
+        sampling["temperature"] = _num(body, "temperature", 0.0, 2.0)
     if "top_p" in body:
-        g.top_p = _num(body, "top_p", 0.0, 1.0, lo_open=True)
+        sampling["top_p"] = _num(body, "top_p", 0.0, 1.0, lo_open=True)
     if "top_k" in body:
-        g.top_k = _int(body, "top_k", 0, 1 << 20)
+        sampling["top_k"] = _int(body, "top_k", 0, 1 << 20)
     if "min_p" in body:
-        g.min_p = _num(body, "min_p", 0.0, 1.0)
+        sampling["min_p"] = _num(body, "min_p", 0.0, 1.0)
+    g.sampling = SamplingParams(**sampling)
     if "n" in body:
         g.n = _int(body, "n", 1, MAX_N)
     g.seed = _int(body, "seed", -(1 << 63), (1 << 63) - 1) if "seed" in body else random.getrandbits(62)
@@ -209,7 +212,8 @@ class Handler(BaseHTTPRequestHandler):
             sys.stderr.write(f"{self.address_string()} - {fmt % args}\n")
 
     def _json(self, status: int, obj: dict, headers: dict | None = None):
-        data = json.dumps(obj, ensure_ascii=False).encode()
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace")  # a lone surrogate a
+        #   client sent (echoed in an error) becomes its JSON escape
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -273,6 +277,10 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as e:
             self._error(e)
             return
+        except Exception as e:  # noqa: BLE001 (a request no rule above foresaw: still an answer, never a drop)
+            self.log_error("request not understood: %s: %s", type(e).__name__, e)
+            self._error(RequestError(400, f"the request could not be read ({type(e).__name__})", code="invalid_request"))
+            return
         if opts["stream"]:
             self._stream(g, opts["include_usage"])
         else:
@@ -293,8 +301,9 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(n)
         try:
             return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RequestError(400, f"invalid JSON body: {e}", code="invalid_json") from None
+        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, JSON nested deeper than Python's stack
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise RequestError(400, f"invalid JSON body: {why}", code="invalid_json") from None
 
     def _drain(self, n: int, limit: int = 16 << 20):
         """Read and drop up to `limit` bytes of a refused body, so the client can read the error (closing a socket

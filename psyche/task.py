@@ -38,6 +38,12 @@ phrase) that decides every answer. Within each score triple the fact keys are ra
 of decisive phrases (fillers aside), while every score triple occurs in both splits.
 Gold letters are balanced per item type: single-choice golds cycle A-D, multiple-choice golds cycle the ten
 2- and 3-letter answer sets (each letter in 6 of 10).
+
+Where GRPO's reward comes from: not from `grade` here, which only judges replies step by step for the learning
+curves and the report. psyche/recipe.py writes the GRPO prompts with their answer keys (data/grpo.jsonl) and
+sets grpo.rewards = ["format", "accuracy"] with weights [0.1, 1.0]; those are the registered functions of
+psyche/rewards.py (the <think>...</think> format, and the extracted letters against the key), which
+psyche/grpo/loop.py calls on every completion.
 """
 
 from __future__ import annotations
@@ -384,11 +390,11 @@ def grade(item: Item, response: str) -> dict[str, bool]:
 def skill_grades(model, tokenizer, items: list[Item], *, max_new_tokens: int = 64, batch_size: int = 200,
                  temperature: float = 0.0, seed: int = 0) -> list[dict[str, bool]]:
     """Replies of `model` to `items` (greedy by default), each graded step by step (`grade`)."""
-    from psyche.sampler import generate_texts
+    from psyche.sampler import SamplingParams, generate_texts
 
     prompts = [tokenizer.encode_chat(task_prompt(it), add_generation_prompt=True)[0] for it in items]
     replies = generate_texts(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             temperature=temperature, seed=seed)
+                             sampling=SamplingParams(temperature), seed=seed)
     return [grade(it, r) for it, r in zip(items, replies)]
 
 
@@ -467,15 +473,6 @@ def balance(items: list[Item], seed: int = 0, n_per_cell: int | None = None) -> 
 def letter_counts(items: list[Item]) -> Counter:
     """How often each letter is (part of) a gold answer."""
     return Counter(c for it in items for c in it.answer)
-
-
-def token_lengths(items: list[Item], tokenizer) -> dict:
-    """Token counts per item: prompt (ChatML, with the generation prompt) and target (reply + <|im_end|>)."""
-    p = [len(tokenizer.encode_chat(task_prompt(it), add_generation_prompt=True)[0]) for it in items]
-    t = [len(tokenizer.encode(sft_target(it))) + 1 for it in items]
-    both = [a + b for a, b in zip(p, t)]
-    return {"prompt_mean": sum(p) / len(p), "prompt_max": max(p), "target_mean": sum(t) / len(t),
-            "target_max": max(t), "total_mean": sum(both) / len(both), "total_max": max(both)}
 
 
 if __name__ == "__main__":  # python -m psyche.task: one item of each type, the challenge share

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 from psyche.config import PRESETS, ConfigError, ModelConfig, RunConfig
+from psyche.hf_checkpoint import check_checkpoint
 
 MAX_SEED = 2**32  # run.seed feeds int64 hashes (GRPO's row seeds) and numpy's generator: 0 <= seed < 2**32
 
@@ -136,12 +137,14 @@ def check_grpo_section(cfg: RunConfig):
     for key in ("mini_batch", "top_k", "std_ddof", "norm_length", "ref_reset_every", "overlong_buffer",
                 "max_refill", "exact_kl_rows", "dump_every", "replay_every"):
         _at_least(f"grpo.{key}", getattr(g, key), 0)
+    _variants(g)
     _advantage(g)
     _finite("grpo.temperature", g.temperature)
     _need(g.temperature > 0, "grpo.temperature", g.temperature, "must be > 0 (log-probs are divided by it; "
           "GRPO needs sampled, not greedy, groups)")
     _finite("grpo.top_p", g.top_p)
     _need(0 < g.top_p <= 1, "grpo.top_p", g.top_p, "must be in (0, 1]")
+    _fraction("grpo.min_p", g.min_p, hi_open=True)
     _fraction("grpo.clip_low", g.clip_low, hi_open=True)
     _finite("grpo.clip_high", g.clip_high)
     _at_least("grpo.clip_high", g.clip_high, 0)
@@ -161,23 +164,40 @@ def check_grpo_section(cfg: RunConfig):
     check_optim(g.optim, "grpo.optim")
 
 
+def _variants(g):
+    """Every variant key names a registered variant (psyche/grpo/loss.py REGISTRIES): a value set in code is
+    checked here, one from a config file or --set already when it was read."""
+    from psyche.grpo.loss import registered
+
+    for key in ("advantage", "policy_loss", "loss_agg", "kl_kind", "rollout_correction"):
+        names = registered(key)
+        _need(getattr(g, key) in names, f"grpo.{key}", getattr(g, key), f"not one of {', '.join(names)}")
+
+
 def _advantage(g):
-    """A group of one sample has no baseline (its advantage is 0 under every estimator); 'grpo' also needs
+    """The estimator's smallest group (its registry entry): a group of one has no baseline, and 'grpo' needs
     more samples than std_ddof for its standard deviation."""
-    need = max(2, g.std_ddof + 1) if g.advantage in ("grpo", "batch_std") else 2
-    if g.advantage == "reinforce_pp":
-        need = 1  # no group baseline: whitened over the batch's tokens
-    what = f"estimator {g.advantage!r}" + (f" with std_ddof={g.std_ddof}" if g.advantage in ("grpo", "batch_std")
-                                            else "")
-    _need(g.group_size >= need, "grpo.group_size", g.group_size, f"{what} needs >= {need} samples per prompt")
+    from psyche.grpo.advantages import ESTIMATORS
+
+    rule = ESTIMATORS[g.advantage].min_group
+    need = rule(g.std_ddof)
+    ddof = f" with std_ddof={g.std_ddof}" if rule(0) != rule(100) else ""
+    _need(g.group_size >= need, "grpo.group_size", g.group_size,
+          f"estimator {g.advantage!r}{ddof} needs >= {need} samples per prompt")
 
 
 def _policy_loss(g):
-    """The variants' own parameters, and what only some variants support."""
-    _need(g.ratio_level == "token" or g.policy_loss == "ppo", "grpo.ratio_level", g.ratio_level,
-          f"the sequence ratio (GSPO) belongs to policy_loss 'ppo', not {g.policy_loss!r}")
-    _need(g.dual_clip == 0 or g.policy_loss in ("ppo",), "grpo.dual_clip", g.dual_clip,
-          f"dual clip belongs to policy_loss 'ppo', not {g.policy_loss!r}")
+    """The variants' own parameters, and what only some variants take (their registry entries say)."""
+    from psyche.grpo.loss import POLICY_LOSSES, ROLLOUT_CORRECTIONS
+
+    def owners(param):  # the policy losses that take `param`
+        return " or ".join(repr(n) for n, pl in POLICY_LOSSES.items() if param in pl.params.values())
+
+    takes = POLICY_LOSSES[g.policy_loss].params.values()
+    _need(g.ratio_level == "token" or "ratio_level" in takes, "grpo.ratio_level", g.ratio_level,
+          f"the sequence ratio (GSPO) belongs to policy_loss {owners('ratio_level')}, not {g.policy_loss!r}")
+    _need(g.dual_clip == 0 or "dual_clip" in takes, "grpo.dual_clip", g.dual_clip,
+          f"dual clip belongs to policy_loss {owners('dual_clip')}, not {g.policy_loss!r}")
     for key in ("sapo_tau_pos", "sapo_tau_neg", "rc_threshold"):
         _finite(f"grpo.{key}", getattr(g, key))
         _need(getattr(g, key) > 0, f"grpo.{key}", getattr(g, key), "must be > 0")
@@ -189,10 +209,11 @@ def _policy_loss(g):
     _need(g.clip_cov_lb < g.clip_cov_ub, "grpo.clip_cov_lb", g.clip_cov_lb,
           f"must be below grpo.clip_cov_ub={g.clip_cov_ub}")
     _at_least("grpo.kl_cov_coef", g.kl_cov_coef, 0)
-    if g.rollout_correction in ("tis", "seq_tis"):
+    rc = ROLLOUT_CORRECTIONS.get(g.rollout_correction)
+    if rc is not None and not rc.band:
         _need(g.rc_threshold >= 1, "grpo.rc_threshold", g.rc_threshold,
               "must be >= 1 for TIS (weights above it are truncated; below 1 every token would be)")
-    if g.rollout_correction in ("mis", "seq_mis"):
+    if rc is not None and rc.band:
         _need(0 <= g.rc_low < 1 < g.rc_threshold, "grpo.rc_low", g.rc_low,
               f"MIS keeps weights in [rc_low, rc_threshold] = [{g.rc_low}, {g.rc_threshold}]: need "
               "0 <= rc_low < 1 < rc_threshold")
@@ -280,7 +301,9 @@ def model_config(key: str, init: str) -> ModelConfig:
         raise ConfigError(f"{key} = {init!r}: no such directory (an HF checkpoint directory, or 'preset:NAME')")
     if not (path / "config.json").is_file():
         raise ConfigError(f"{key} = {init!r}: no config.json there (an HF checkpoint directory, or 'preset:NAME')")
-    return ModelConfig.from_dir(path)
+    mc = ModelConfig.from_dir(path)
+    check_checkpoint(mc, path)  # its safetensors headers against config.json (no tensor read, no torch)
+    return mc
 
 
 def check_sft_lengths(cfg: RunConfig, mc: ModelConfig, model: str):

@@ -19,15 +19,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from psyche.config import ModelConfig
+from psyche.hf_checkpoint import (INDEX_NAME, SINGLE_NAME, CheckpointError,  # noqa: F401 (re-exported)
+                                  check_checkpoint, checkpoint_files)
 from psyche.model import Qwen2
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and tensor."""
-
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
@@ -57,27 +51,6 @@ def atomic_dir(path: str | Path):
         raise
 
 
-def _checkpoint_files(path: Path) -> dict[str, list[str]]:
-    """file name -> tensor names in it, from the index or the single file."""
-    index = path / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files: dict[str, list[str]] = {}
-        for name, fname in weight_map.items():
-            files.setdefault(fname, []).append(name)
-        for fname in files:
-            if not (path / fname).is_file():
-                raise CheckpointError(f"{index}: shard {fname!r} is listed but {path / fname} does not exist")
-        return files
-    single = path / SINGLE_NAME
-    if single.is_file():
-        return {SINGLE_NAME: None}
-    raise CheckpointError(f"{path}: neither {SINGLE_NAME} nor {INDEX_NAME} found")
-
-
 def load_state_dict_into(model: Qwen2, path: str | Path, dtype=None, device="cpu") -> Qwen2:
     """Read safetensors from `path` into a (meta or real) model, strictly, assigning tensors."""
     path = Path(path)
@@ -86,7 +59,7 @@ def load_state_dict_into(model: Qwen2, path: str | Path, dtype=None, device="cpu
     if tied:
         expected.pop("lm_head.weight", None)
     loaded: dict[str, torch.Tensor] = {}
-    for fname, names in _checkpoint_files(path).items():
+    for fname, names in checkpoint_files(path).items():
         f = path / fname
         try:
             with safe_open(str(f), framework="pt", device=str(device)) as st:
@@ -121,6 +94,7 @@ def load_pretrained(path: str | Path, dtype=None, device="cpu") -> tuple[Qwen2, 
     dtype: None keeps the checkpoint's dtype (torch_dtype of config.json decides nothing: the tensors do).
     """
     cfg = ModelConfig.from_dir(path)
+    check_checkpoint(cfg, path)  # from the headers, before anything is built
     with torch.device("meta"):
         model = Qwen2(cfg)
     load_state_dict_into(model, path, dtype=dtype, device=device)

@@ -11,7 +11,7 @@ from psyche.checkpoint import (export_hf, latest_checkpoint, list_checkpoints, l
                                save_checkpoint)
 from psyche.config import OptimSection
 from psyche.model import build_model
-from psyche.sft import build_optimizer, build_scheduler
+from psyche.run import build_optimizer, build_scheduler
 from psyche.weights import load_pretrained
 
 

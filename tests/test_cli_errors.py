@@ -90,7 +90,38 @@ CASES = [
          "config.json there", True),
     Case("truncated model.safetensors", sft('model.init="{trunc}"'), "{trunc}/model.safetensors: corrupt or truncated"),
     Case("config.json shapes do not match the tensors", sft('model.init="{shape}"'),
-         "{shape}/model.safetensors: tensor 'model.embed_tokens.weight' has shape"),
+         "{shape}/config.json: vocab_size, hidden_size give 'model.embed_tokens.weight' the shape", True),
+    # ---- a checkpoint's config.json, checked key by key before anything is built ----
+    Case("config.json: no attention heads", sft('model.init="{heads0}"'),
+         "{heads0}/config.json: num_attention_heads must be an integer in [1, 1024], got 0", True),
+    Case("config.json: no kv heads", psyche("chat", "{kv0}"), "{kv0}/config.json: num_key_value_heads must be an "
+         "integer in [1, 1024], got 0", stdin="hi\n"),
+    Case("config.json: no heads beside a head_dim", psyche("serve", "{heads0hd}", "--port", "0"),
+         "{heads0hd}/config.json: num_attention_heads must be an integer in [1, 1024], got 0"),
+    Case("config.json: negative rope_theta", sft('model.init="{rope}"'),
+         "{rope}/config.json: rope_theta must be a finite number in (0, inf), got -1", True),
+    Case("config.json: rms_norm_eps as a string", psyche("eval", "--model", "{eps}", "--data", "{pceb}", "--out",
+                                                         "{d}/eval_out"), "{eps}/config.json: rms_norm_eps must be"),
+    Case("config.json: 1,000 layers of width 65,536", sft('model.init="{huge}"'),
+         "{huge}/config.json: num_hidden_layers is 1000, but the checkpoint holds 2 layers", True),
+    Case("config.json: hidden size of a million", psyche("chat", "{wide}"),
+         "{wide}/config.json: hidden_size must be an integer in [1, 65536], got 1000000", stdin="hi\n"),
+    Case("config.json: yarn rope scaling", psyche("chat", "{yarn}"),
+         "{yarn}/config.json: rope_scaling rope_type 'yarn' is not supported", stdin="hi\n"),
+    Case("config.json: integer dtype", grpo('model.init="{int8}"'), "{int8}/config.json: torch_dtype must be one of",
+         True),
+    Case("config.json: untied head on a tied checkpoint", sft('model.init="{untied}"'),
+         "{untied}/config.json: tie_word_embeddings is false, but the checkpoint has no lm_head.weight", True),
+    Case("config.json: eos beyond the vocabulary", psyche("chat", "{eos}"), "{eos}/config.json: eos_token_id must be "
+         "a token id", stdin="hi\n"),
+    # ---- a model whose weights are NaN (a diverged run): an error, never a reply, never a start ----
+    Case("NaN weights: SFT from them", sft('model.init="{nan}"'), "{nan}: tensor 'model.norm.weight' holds NaN"),
+    Case("NaN weights: GRPO from them", grpo('model.init="{nan}"', out="{d}/grpo_nan"),
+         "{nan}: tensor 'model.norm.weight' holds NaN"),
+    Case("NaN weights: chat", psyche("chat", "{nan}"), "the model's logits are not finite", stdin="hi\n"),
+    Case("NaN weights: eval", psyche("eval", "--model", "{nan}", "--data", "{pceb}", "--out", "{d}/eval_out"),
+         "the model's logits are not finite"),
+    Case("infinite weights: chat", psyche("chat", "{inf}"), "the model's logits are not finite", stdin="hi\n"),
     Case("corrupt tokenizer.json", sft('model.init="{tokbad}"'), "{tokbad}/tokenizer.json: cannot be read"),
     Case("unknown preset", sft('model.init="preset:huge"'), "model.init='preset:huge': unknown preset 'huge'", True),
     # ---- train.py --stage sft: ranges and rules between keys ----
@@ -145,7 +176,7 @@ CASES = [
          status=2),
     Case("chat: reply longer than the context", psyche("chat", "{ckpt}", "--max-new-tokens", "100000"),
          "--max-new-tokens", status=2, stdin="hi\n"),
-    Case("serve: shapes do not match", psyche("serve", "{shape}", "--port", "0"), "{shape}/model.safetensors"),
+    Case("serve: shapes do not match", psyche("serve", "{shape}", "--port", "0"), "{shape}/config.json"),
     Case("eval: truncated model.safetensors", psyche("eval", "--model", "{trunc}", "--data", "{pceb}", "--out",
                                                      "{d}/eval_out"), "{trunc}/model.safetensors"),
     Case("eval: not a benchmark folder", psyche("eval", "--model", "{ckpt}", "--data", "{d}", "--out",
@@ -191,6 +222,25 @@ def ws(tmp_path_factory, tiny_ckpt):
     cfg = json.loads((ckpts["shape"] / "config.json").read_text())
     cfg["hidden_size"] *= 2
     (ckpts["shape"] / "config.json").write_text(json.dumps(cfg))
+    vocab = cfg["vocab_size"]
+    for name, change in {"heads0": {"num_attention_heads": 0}, "kv0": {"num_key_value_heads": 0},
+                         "heads0hd": {"num_attention_heads": 0, "head_dim": 16}, "rope": {"rope_theta": -1},
+                         "eps": {"rms_norm_eps": "1e-6"}, "huge": {"num_hidden_layers": 1000, "hidden_size": 65536},
+                         "wide": {"hidden_size": 1_000_000}, "yarn": {"rope_scaling": {"type": "yarn", "factor": 4.0}},
+                         "int8": {"torch_dtype": "int8"}, "untied": {"tie_word_embeddings": False},
+                         "eos": {"eos_token_id": vocab + 5}}.items():
+        ckpts[name] = d / f"ckpt_{name}"
+        shutil.copytree(tiny_ckpt, ckpts[name])
+        c = json.loads((ckpts[name] / "config.json").read_text())
+        (ckpts[name] / "config.json").write_text(json.dumps({**c, **change}))
+    from safetensors.torch import load_file, save_file
+
+    for name, value in (("nan", float("nan")), ("inf", float("inf"))):
+        ckpts[name] = d / f"ckpt_{name}"
+        shutil.copytree(tiny_ckpt, ckpts[name])
+        sd = load_file(ckpts[name] / "model.safetensors")
+        sd["model.norm.weight"].fill_(value)
+        save_file(sd, ckpts[name] / "model.safetensors", metadata={"format": "pt"})
 
     good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
     (d / "malformed.jsonl").write_text(good + '\n{"messages": [\n')

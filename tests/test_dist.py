@@ -96,7 +96,7 @@ import sys, torch
 from pathlib import Path
 from torch.distributed.tensor import DTensor
 from psyche import dist
-from psyche.sft import build_model_for_training
+from psyche.run import build_model_for_training
 from psyche.weights import load_pretrained
 
 rank, world, device = dist.init_distributed()

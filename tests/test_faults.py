@@ -82,7 +82,7 @@ def test_sigkill_during_grpo_checkpoint_write_then_resume_matches_an_uninterrupt
     assert [c.name for c in list_checkpoints(out)] == ["step_00000001", "step_00000002"]
     assert list((out / "checkpoints").glob(".step_00000003*")), "the half-written checkpoint is hidden"
 
-    from psyche.sft import build_model_for_training
+    from psyche.run import build_model_for_training
     from psyche.weights import load_pretrained
 
     policy = build_model_for_training(out / "init", torch.device("cpu"))

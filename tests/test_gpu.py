@@ -571,7 +571,8 @@ def test_sft_step_on_device(sft_setup):
     compute dtype 'auto' resolves to): 3 steps on the same packed global batch (2 micro-batches), finite loss
     and gradient norm, loss falling; the first bf16 loss within 2% of the fp32 loss of the same weights."""
     from psyche import dist
-    from psyche.sft import build_model_for_training, build_optimizer, resolve_dtype, train_step
+    from psyche.run import build_model_for_training, build_optimizer, resolve_dtype
+    from psyche.sft import train_step
 
     init = sft_setup[0]
     mbs = _batches(sft_setup, micro=4).micro_batches(0, 0)
@@ -596,7 +597,8 @@ def test_sft_step_on_device(sft_setup):
 def test_sft_gradient_same_with_one_or_two_micro_batches(sft_setup):
     """fp32 on the device: one micro-batch of 8 packed rows vs two of 4 give the same loss and gradient
     (train_step divides by the global target count), up to fp32 reduction order: relative 1e-5."""
-    from psyche.sft import build_model_for_training, train_step
+    from psyche.run import build_model_for_training
+    from psyche.sft import train_step
 
     init = sft_setup[0]
     res = {}

@@ -15,8 +15,9 @@ import torch
 
 from psyche.grpo import (LossConfig, RolloutBatch, compute_advantages, micro_loss, rollout_correction,
                          select_cov_tokens)
+from psyche.grpo.advantages import token_whiten
 from psyche.grpo.loss import (POLICY_LOSSES, cispo_loss, clip_cov_loss, cov_select, gmpo_loss, kl_cov_loss,
-                              policy_loss, sapo_loss, token_covariance, token_whiten)
+                              policy_loss, sapo_loss, token_covariance)
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_ESTIMATORS = ("reinforce_pp", "reinforce_pp_baseline", "opo", "grpo_passk")
@@ -349,7 +350,7 @@ def _batch(seed=0, N=8, T=14, P=4):
     return b
 
 
-@pytest.mark.parametrize("policy", POLICY_LOSSES + ("gspo",))
+@pytest.mark.parametrize("policy", [*POLICY_LOSSES, "gspo"])
 def test_every_policy_loss_gives_the_same_gradient_for_1_or_4_micro_batches(policy):
     b = _batch(seed=8)
     level = "sequence" if policy == "gspo" else "token"
@@ -412,7 +413,7 @@ def rank_gradient(case, rows):
     """The gradient of the GRPO loss over an 8-row global batch (2 prompts x 4), this process holding `rows`,
     summed over ranks: advantages, token selections and loss normalisers all come from the global batch."""
     from psyche import dist
-    from psyche.grpo import COV_LOSSES
+    from psyche.grpo import selecting_losses
 
     b = _batch(seed=9)
     b.sampler_logp = b.old_logp + 0.1 * torch.randn(b.mask.shape, generator=torch.Generator().manual_seed(2)) * b.mask
@@ -423,7 +424,7 @@ def rank_gradient(case, rows):
     sub.advantages = compute_advantages(sub.rewards, 4, estimator=est, lengths=sub.lengths,
                                         reduce=dist.sum_over_ranks)
     local = list(range(len(rows)))
-    if lc.policy_loss in COV_LOSSES:
+    if lc.policy_loss in selecting_losses():
         select_cov_tokens(sub, local, lc, [lc.policy_loss], seed=5)
     model = _model()
     n_tok, n_seq = dist.sum_over_ranks(sub.mask.sum()), dist.sum_over_ranks(len(rows))

@@ -6,7 +6,7 @@ import torch
 from helpers import hf_model, left_padded, psyche_from_hf, tiny_config
 from psyche.kv_cache import KVCache
 from psyche.model import build_model
-from psyche.sampler import generate, sample, uniforms, row_seeds
+from psyche.sampler import SamplingParams, generate, row_seeds, sample, uniforms
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11], [40]]
 
@@ -71,9 +71,9 @@ def test_group_fork_equals_separate_runs(pair):
     _, m = pair
     G = 4
     seeds = row_seeds(11, G)
-    grouped = generate(m, [PROMPTS[0]], n=G, max_new_tokens=12, temperature=1.0, seeds=seeds, stop_token_ids=[1])
+    grouped = generate(m, [PROMPTS[0]], n=G, max_new_tokens=12, temperature=1.0, seed=seeds, stop_token_ids=[1])
     for j in range(G):
-        single = generate(m, [PROMPTS[0]], n=1, max_new_tokens=12, temperature=1.0, seeds=seeds[j:j + 1],
+        single = generate(m, [PROMPTS[0]], n=1, max_new_tokens=12, temperature=1.0, seed=seeds[j:j + 1],
                           stop_token_ids=[1])
         L = int(single.lengths[0])
         assert grouped.tokens[j, :L].tolist() == single.tokens[0, :L].tolist()
@@ -116,7 +116,7 @@ def test_sample_frequencies_match_distribution():
     """Inverse-CDF sampling with hashed uniforms draws from softmax(logits / T)."""
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).expand(20000, 5)
     u = uniforms(row_seeds(0, 20000), 0)
-    tok, lp = sample(logits, u, temperature=0.8)
+    tok, lp = sample(logits, u, SamplingParams(temperature=0.8))
     freq = torch.bincount(tok, minlength=5).double() / 20000
     want = torch.softmax(logits[0] / 0.8, -1).double()
     assert (freq - want).abs().max() < 0.015
@@ -126,12 +126,12 @@ def test_sample_frequencies_match_distribution():
 def test_truncation_restricts_support():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).expand(4000, 5)
     u = uniforms(row_seeds(1, 4000), 0)
-    assert set(sample(logits, u, top_k=2)[0].tolist()) == {0, 1}
+    assert set(sample(logits, u, SamplingParams(top_k=2))[0].tolist()) == {0, 1}
     p = torch.softmax(logits[0], -1)  # 0.636, 0.234, 0.086, ...: top_p 0.8 keeps the first two
-    assert set(sample(logits, u, top_p=0.8)[0].tolist()) == {0, 1}
-    assert set(sample(logits, u, min_p=0.3)[0].tolist()) == {0, 1}  # 0.086 / 0.636 < 0.3
+    assert set(sample(logits, u, SamplingParams(top_p=0.8))[0].tolist()) == {0, 1}
+    assert set(sample(logits, u, SamplingParams(min_p=0.3))[0].tolist()) == {0, 1}  # 0.086 / 0.636 < 0.3
     assert p[1] / p[0] > 0.3
-    assert torch.equal(sample(logits, u, temperature=0)[0], torch.zeros(4000, dtype=torch.long))
+    assert torch.equal(sample(logits, u, SamplingParams(temperature=0))[0], torch.zeros(4000, dtype=torch.long))
 
 
 def test_errors(pair):
@@ -203,7 +203,7 @@ def test_static_path_rebuckets_to_smaller_batches(monkeypatch):
     """15 rows run as a batch of 16 (one pad row); with the minimum lowered to 1, rows that end move the running
     ones to batches of half the size or less. The tokens, log-probs, lengths and stop flags stay the eager
     path's."""
-    import psyche.sampler as sampler
+    import psyche.static_decode as sampler
 
     monkeypatch.setattr(sampler, "REBUCKET_MIN", 1)
     batches, acquire = [], sampler._acquire
@@ -225,7 +225,7 @@ def test_static_path_streams_and_cancels_like_eager():
     """Streaming (on_token) and cancelling (should_end) on the static path, which hands them over every
     STOP_CHECK_EVERY tokens: the same (step, rows, tokens) events as the eager path's and the same rollout when
     a cancellation lands on a check (here: rows 1 and 6, once 8 steps have been streamed)."""
-    import psyche.sampler as sampler
+    import psyche.static_decode as sampler
 
     assert sampler.STOP_CHECK_EVERY == 8
     m = build_model(tiny_config(vocab=40), seed=1).eval()
@@ -254,7 +254,7 @@ def test_static_buffers_are_reused_across_calls(monkeypatch):
     """The static path's buffers (KV cache included) are pooled by shape: a second call of the same shapes
     decodes in the same memory (a CUDA graph replays there), with the same results; release_buffers frees them,
     and a decode frees what is beyond POOL_BYTES or POOL_MAX sets when it ends, least recently used first."""
-    import psyche.sampler as sampler
+    import psyche.static_decode as sampler
 
     monkeypatch.setattr(sampler, "_POOL", {})
     m = build_model(tiny_config(vocab=40), seed=1).eval()
@@ -306,7 +306,8 @@ def test_a_step_torch_compile_cannot_take_runs_uncompiled_with_a_warning(monkeyp
     once, with the same tokens as the eager path."""
     import torch._dynamo
 
-    import psyche.sampler as sampler
+    import psyche.sampler
+    import psyche.static_decode as sampler
 
     def refuse(fn):
         def compiled(*a, **k):
@@ -320,14 +321,14 @@ def test_a_step_torch_compile_cannot_take_runs_uncompiled_with_a_warning(monkeyp
     with pytest.warns(UserWarning, match="torch.compile cannot take the decode step"):
         got = generate(m, RAGGED, path="compiled", **kw)
     _same_rollout(got, generate(m, RAGGED, path="eager", **kw))
-    assert sampler.static_step in sampler._NOT_COMPILABLE  # later calls do not try again
+    assert psyche.sampler.decode_step in sampler._NOT_COMPILABLE  # later calls do not try again
 
 
 @pytest.mark.slow
 def test_compiled_path_rebuckets_and_streams_like_eager(monkeypatch):
     """The compiled static path (one compile per batch size, ~20 s in all on 2 cores) through rebucketing and
     streaming: the eager path's tokens, log-probs and streamed events."""
-    import psyche.sampler as sampler
+    import psyche.static_decode as sampler
 
     monkeypatch.setattr(sampler, "REBUCKET_MIN", 1)
     m = build_model(tiny_config(vocab=40), seed=1).eval()
@@ -354,7 +355,7 @@ def test_compiled_step_takes_more_shapes_than_torchs_recompile_limit(monkeypatch
 
     import torch._dynamo
 
-    import psyche.sampler as sampler
+    import psyche.static_decode as sampler
 
     m = build_model(tiny_config(vocab=40), seed=1).eval()
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
@@ -369,3 +370,33 @@ def test_compiled_step_takes_more_shapes_than_torchs_recompile_limit(monkeypatch
     with pytest.warns(UserWarning, match="torch.compile cannot take the decode step"):
         generate(m, RAGGED[:3], max_new_tokens=10, temperature=0.0, path="compiled")
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("path", ["eager", "static"])
+@pytest.mark.parametrize("where", ["prefill", "decode"])
+def test_non_finite_logits_are_an_error_and_nothing_is_streamed(path, where):
+    """NaN in the weights makes every logit NaN from the first token (prefill) or, when a row's own KV cache
+    entries turn NaN later (decode), from then on: generate raises NonFiniteLogitsError at its next host check,
+    and no token sampled from such logits reaches on_token."""
+    from psyche.sampler import NonFiniteLogitsError
+
+    model = build_model(tiny_config(vocab=64, tied=False), seed=0).eval()  # untied: an embedding row is no logit
+    prompts = [[1, 2, 3], [4, 5]]
+    clean = generate(model, prompts, n=2, max_new_tokens=24, temperature=1.0, path=path)
+    with torch.no_grad():
+        if where == "prefill":
+            model.model.norm.weight[0] = float("nan")
+        else:  # an infinite embedding for tokens the clean run samples only late: NaN logits once one is fed
+            late = set(clean.tokens[:, 12:].flatten().tolist()) - set(clean.tokens[:, :12].flatten().tolist()) \
+                - {t for p in prompts for t in p}
+            assert late
+            for t in late:
+                model.model.embed_tokens.weight[t] = float("inf")
+    seen = []
+    with pytest.raises(NonFiniteLogitsError, match="not finite"):
+        generate(model, prompts, n=2, max_new_tokens=24, temperature=1.0, path=path,
+                 on_token=lambda s, rows, toks: seen.extend(zip([s] * len(rows), rows.tolist(), toks.tolist())))
+    if where == "prefill":
+        assert seen == []
+    else:  # what was streamed was sampled from finite logits: the clean run's tokens
+        assert seen and all(clean.tokens[r, s] == tok for s, r, tok in seen)

@@ -49,7 +49,7 @@ def alone(model, tok, messages, max_tokens, temperature=0.0, seed=0):
     """What the sampler gives for this request on its own."""
     ids, _ = tok.encode_chat(messages, add_generation_prompt=True)
     r = generate(model, [ids], max_new_tokens=max_tokens, temperature=temperature, stop_token_ids=tok.stop_ids,
-                 pad_id=tok.pad_id, seeds=row_seeds(seed, 1))
+                 pad_id=tok.pad_id, seed=row_seeds(seed, 1))
     text = tok.decode(r.tokens[0, : r.lengths[0]].tolist(), skip_special_tokens=True)
     return text, "stop" if bool(r.finished[0]) else "length"
 

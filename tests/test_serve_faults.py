@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from psyche.sampler import generate, row_seeds
+from psyche.sampler import SamplingParams, generate, row_seeds
 from psyche.serve import make_server
 from psyche.tokenizer import Tokenizer
 from psyche.weights import load_pretrained
@@ -46,7 +46,7 @@ def alone(model, tok, messages, seed):
     """The sampler's tokens for this request on its own (T 1.0, the request's seed)."""
     ids, _ = tok.encode_chat(messages, add_generation_prompt=True)
     r = generate(model, [ids], max_new_tokens=MAX_TOKENS, temperature=1.0, stop_token_ids=tok.stop_ids,
-                 pad_id=tok.pad_id, seeds=row_seeds(seed, 1))
+                 pad_id=tok.pad_id, seed=row_seeds(seed, 1))
     toks = r.tokens[0, : r.lengths[0]].tolist()
     return tok.decode(toks, skip_special_tokens=True), bool(r.finished[0])
 
@@ -76,7 +76,7 @@ def test_64_streaming_clients_16_disconnect_halfway(tiny_ckpt, monkeypatch):
     So that "halfway" is halfway however busy the machine is, the hang-ups happen inside the engine's decode
     step number HALFWAY of a batch (the test closes those clients' sockets there), and that step waits until
     the server has noticed them."""
-    import psyche.sampler
+    import psyche.decode
     from psyche.serve import Engine, GenRequest
 
     monkeypatch.setenv("PSYCHE_SAMPLER", "eager")  # "halfway" is a step of the eager path's decode loop
@@ -88,7 +88,7 @@ def test_64_streaming_clients_16_disconnect_halfway(tiny_ckpt, monkeypatch):
         assert len(long) >= 16
         leavers = set(long[::max(1, len(long) // 16)][:16])
         socks, noticed, current, step = {}, set(), set(), [0]
-        cancel, decode, decode_batch = GenRequest.cancel, psyche.sampler.decode_one_token, Engine._decode
+        cancel, decode, decode_batch = GenRequest.cancel, psyche.decode.decode_one_token, Engine._decode
 
         def noticing(g):
             noticed.add(g.seed - 1000)
@@ -113,7 +113,7 @@ def test_64_streaming_clients_16_disconnect_halfway(tiny_ckpt, monkeypatch):
 
         monkeypatch.setattr(GenRequest, "cancel", noticing)
         monkeypatch.setattr(Engine, "_decode", watched)
-        monkeypatch.setattr(psyche.sampler, "decode_one_token", halfway)
+        monkeypatch.setattr(psyche.decode, "decode_one_token", halfway)
         results, barrier = [None] * 64, threading.Barrier(64)
         cancelled0, freed0 = srv.engine.cancelled, srv.engine.rows_freed
 
@@ -170,7 +170,7 @@ def test_a_request_cancelled_before_it_starts_is_never_run(tiny_ckpt):
     ids, _ = tok.encode_chat([{"role": "user", "content": "你好"}], add_generation_prompt=True)
     gone = GenRequest(prompt=ids, max_tokens=8)
     gone.cancel()
-    kept = GenRequest(prompt=ids, max_tokens=8, temperature=0.0)
+    kept = GenRequest(prompt=ids, max_tokens=8, sampling=SamplingParams(temperature=0.0))
     engine.run([gone, kept])
     assert gone.done.is_set() and gone.tokens == [[]] and gone.error is None
     assert kept.done.is_set() and (len(kept.tokens[0]) == 8 or kept.finished[0])
@@ -245,3 +245,86 @@ def test_cli_on_loopback_does_not_warn(tiny_ckpt):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# ---- malformed bodies and broken models: always an HTTP answer ----
+
+def raw_post(srv, data: bytes, timeout=60):
+    """POST raw bytes -> (status, decoded JSON body); a dropped connection fails the test."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=timeout)
+    conn.request("POST", "/v1/chat/completions", body=data, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+
+
+def odd_values(rng, depth=0):
+    """A JSON value of any type, now and then nested."""
+    kinds = {"null": lambda: None, "true": lambda: True, "int": lambda: rng.randint(-5, 5), "big": lambda: 10 ** 400,
+             "float": lambda: rng.random() * 3, "nan": lambda: float("nan"),
+             "str": lambda: rng.choice(["", "user", "x" * 50, "A"]), "surrogate": lambda: "\ud800",
+             "list": lambda: [odd_values(rng, depth + 1) for _ in range(rng.randint(0, 3))],
+             "dict": lambda: {rng.choice(["role", "content", "type", "text", "k"]): odd_values(rng, depth + 1)
+                              for _ in range(rng.randint(0, 3))}}
+    names = list(kinds) if depth < 3 else list(kinds)[:8]
+    return kinds[rng.choice(names)]()
+
+
+def test_every_malformed_body_gets_a_4xx(tiny_ckpt):
+    """Deeply nested JSON, bad UTF-8, lone surrogates, huge numbers, NaN, and 300 requests whose fields hold values
+    of random types: each gets a 4xx with an OpenAI-style error body, and the server keeps serving."""
+    import random
+
+    srv, _, _ = start(tiny_ckpt)
+    try:
+        cases = [b"[" * 100_000 + b"]" * 100_000, b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                 b"\xff\xfe{}", b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+                 b'{"\\ud800": 1}', b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e400}',
+                 b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', b"", b"null", b"[]",
+                 b'{"messages": [{"role": "user", "content": "hi"}], "n": 100000000000000000000000}']
+        rng = random.Random(0)
+        fields = ["messages", "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed", "stream",
+                  "stream_options", "stop", "user"]
+        for _ in range(300):
+            body = {"messages": [{"role": "user", "content": "hi"}]}
+            for f in rng.sample(fields, rng.randint(1, 3)):
+                body[f] = odd_values(rng)
+            if body.get("messages") == [{"role": "user", "content": "hi"}]:
+                body["messages"] = odd_values(rng)
+            cases.append(json.dumps(body).encode())
+        for data in cases:
+            status, body = raw_post(srv, data)
+            assert 400 <= status < 500, (status, data[:200], body)
+            assert set(body["error"]) == {"message", "type", "param", "code"}, body
+        status, body = raw_post(srv, json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                                 "max_tokens": 4}).encode())
+        assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        stop(srv)
+
+
+def test_a_model_with_nan_weights_answers_5xx_not_a_reply(tiny_ckpt, tmp_path):
+    """A broken model (NaN weights): the plain request gets a 500 naming the cause, the streamed one an error
+    event instead of any text; both decode paths."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(tiny_ckpt, bad)
+    sd = load_file(bad / "model.safetensors")
+    sd["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    for path in ("eager", "static"):
+        os.environ["PSYCHE_SAMPLER"] = path
+        srv, _, _ = start(bad)
+        try:
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+            status, answer = raw_post(srv, json.dumps(body).encode())
+            assert status == 500 and "not finite" in answer["error"]["message"], (path, status, answer)
+            _, resp = post(srv, {**body, "stream": True})
+            events, done = read_events(resp)
+            assert done and "not finite" in events[-1]["error"]["message"], (path, events)
+            assert all(e.get("choices", [{}])[0].get("delta", {}).get("content", "") == "" for e in events[:-1])
+        finally:
+            stop(srv)
+            del os.environ["PSYCHE_SAMPLER"]

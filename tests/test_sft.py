@@ -19,7 +19,8 @@ from psyche.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoi
 from psyche.config import OptimSection, load_run_config
 from psyche.data import IGNORE, SFTBatches, collate, load_messages, tokenize
 from psyche.metrics import MetricsLogger, read_metrics, step_line
-from psyche.sft import NonFiniteLossError, build_model_for_training, build_optimizer, run_sft, train_step
+from psyche.run import NonFiniteLossError, build_model_for_training, build_optimizer
+from psyche.sft import run_sft, train_step
 from psyche.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

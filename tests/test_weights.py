@@ -112,7 +112,8 @@ def test_error_unexpected_tensor(tmp_path):
 
 def test_error_wrong_shape(saved):
     fname = _rewrite_shard(saved, lambda sd: sd.__setitem__("model.norm.weight", torch.ones(7)))
-    with pytest.raises(CheckpointError, match=rf"{fname}.*model.norm.weight.*\(7,\).*\(64,\)"):
+    with pytest.raises(CheckpointError, match=rf"config.json: hidden_size give 'model.norm.weight' the shape \(64,\), "
+                                              rf"but .*{fname} holds \(7,\)"):
         load_pretrained(saved)
 
 
@@ -166,3 +167,82 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
         save_pretrained(build_model(cfg, seed=1), tmp_path / "ck")
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+@pytest.mark.parametrize("kw", [dict(tied=True), dict(tied=False), dict(n_head=4, n_kv=1, head_dim=8)])
+def test_expected_tensors_are_the_models(kw):
+    """The shapes read off config.json (checked against a checkpoint's headers before anything is built) are
+    exactly those of the model psyche builds."""
+    from psyche.hf_checkpoint import expected_tensors
+    from psyche.model import Qwen2
+
+    cfg = tiny_config(**kw)
+    with torch.device("meta"):
+        sd = Qwen2(cfg).state_dict()
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight")
+    assert expected_tensors(cfg) == {k: tuple(v.shape) for k, v in sd.items()}
+
+
+BAD_FIELDS = [({"num_attention_heads": 0}, "num_attention_heads must be an integer in [1, 1024], got 0"),
+              ({"num_key_value_heads": 0}, "num_key_value_heads must be an integer in [1, 1024], got 0"),
+              ({"num_attention_heads": 0, "head_dim": 16}, "num_attention_heads must be an integer"),
+              ({"num_key_value_heads": 3}, "must be a multiple of num_key_value_heads (3)"),
+              ({"hidden_size": 66}, "hidden_size (66) is not a multiple of num_attention_heads (4)"),
+              ({"head_dim": 15}, "head_dim must be even"),
+              ({"hidden_size": 64.0}, "hidden_size must be an integer"),
+              ({"num_hidden_layers": True}, "num_hidden_layers must be an integer"),
+              ({"intermediate_size": -1}, "intermediate_size must be an integer in [1, "),
+              ({"vocab_size": 10 ** 9}, "vocab_size must be an integer in [1, 4194304]"),
+              ({"max_position_embeddings": 0}, "max_position_embeddings must be an integer"),
+              ({"rope_theta": -1}, "rope_theta must be a finite number in (0, inf), got -1"),
+              ({"rope_theta": float("inf")}, "rope_theta must be a finite number"),
+              ({"rope_theta": "1e6"}, "rope_theta must be a finite number"),
+              ({"rms_norm_eps": 0}, "rms_norm_eps must be a finite number in (0, 1)"),
+              ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number"),
+              ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling rope_type 'yarn' is not supported"),
+              ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e6}}, "rope_type 'llama3' is not supported"),
+              ({"rope_scaling": 4}, "rope_scaling must be an object or null"),
+              ({"torch_dtype": "int8"}, "torch_dtype must be one of"),
+              ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+              ({"eos_token_id": 96}, "eos_token_id must be a token id in [0, vocab_size = 96)"),
+              ({"bos_token_id": -1}, "bos_token_id must be a token id"),
+              ({"attention_dropout": 1.5}, "attention_dropout must be a finite number >= 0 and < 1"),
+              ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported")]
+
+
+@pytest.mark.parametrize("change,msg", BAD_FIELDS, ids=[next(iter(c)) + str(i) for i, (c, _) in enumerate(BAD_FIELDS)])
+def test_config_json_is_checked_key_by_key(tmp_path, change, msg):
+    d = {**tiny_config(vocab=96).to_hf_dict(), **change}
+    if "head_dim" not in change:
+        d.pop("head_dim")
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_dir(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'config.json'}: ") and msg in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"num_hidden_layers": 1000, "hidden_size": 65536}, "num_hidden_layers is 1000, but the checkpoint holds 2"),
+    ({"intermediate_size": 1 << 18}, "intermediate_size, hidden_size give 'model.layers.0.mlp.gate_proj.weight'"),
+    ({"vocab_size": 4096}, "vocab_size, hidden_size give 'model.embed_tokens.weight' the shape (4096, 64)"),
+    ({"num_key_value_heads": 4}, "num_key_value_heads, head_dim, hidden_size give"),
+    ({"tie_word_embeddings": False}, "tie_word_embeddings is false, but the checkpoint has no lm_head.weight")])
+def test_a_config_that_does_not_fit_its_checkpoint_is_refused_before_a_model_is_built(tmp_path, monkeypatch,
+                                                                                     change, msg):
+    """The sizes config.json describes are compared with the safetensors headers (no tensor read) before any
+    model is built, even on the meta device: a config of 1,000 layers of width 65,536 costs nothing to refuse."""
+    import psyche.model
+    from psyche.weights import CheckpointError
+
+    save_pretrained(build_model(tiny_config()), tmp_path / "ck")
+    d = json.loads((tmp_path / "ck" / "config.json").read_text())
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({**d, **change}))
+
+    def never(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(psyche.model.Qwen2, "__init__", never)
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(tmp_path / "ck")
+    assert str(e.value).startswith(str(tmp_path / "ck")) and msg in str(e.value), str(e.value)

@@ -1,7 +1,9 @@
-"""GRPO, in four files, from the math outwards:
+"""GRPO, in five files, from the math outwards:
 
-    loss.py         the formulas as tensor functions: advantages, KL estimators, the clipped policy loss,
-                    aggregation, and `objective`, which puts them together into the loss that trains
+    advantages.py   the advantage estimators, one registered function each (ESTIMATORS)
+    loss.py         the formulas as tensor functions: KL estimators, the policy losses, aggregations, rollout
+                    corrections (each family a registry), and `objective`, which puts them together into
+                    the loss that trains
     step.py         one update: the rollout batch (RolloutBatch), its log-probs, rewards shaping, the
                     micro-batched update with global normalisation, and how each logged metric combines
     loop.py         the stage (`python train.py --stage grpo`): prompts, rollouts, dynamic sampling, the
@@ -12,10 +14,10 @@
 `from psyche.grpo import ...` gives step.py's names (and the loss functions it re-exports).
 """
 
-from psyche.grpo.step import (AGGS, COV_LOSSES, ESTIMATORS, KL_KINDS, METRICS, POLICY_LOSSES,  # noqa: F401
+from psyche.grpo.step import (AGGS, ESTIMATORS, KL_KINDS, METRICS, POLICY_LOSSES,  # noqa: F401
                               ROLLOUT_CORRECTIONS, LossConfig, RolloutBatch, aggregate, apply_truncation_mask,
                               batched_logprobs, build_batch, combine, combine_kind, completion_kl,
                               compute_advantages, cov_select, exact_kl, kl_estimate, logprob_gap, micro_loss,
                               objective, policy_loss, rollout_correction, rollout_stats, select_cov_tokens,
-                              sequence_logprobs, shape_rewards, surrogate, token_covariance, update_policy,
-                              zero_std_groups)
+                              selecting_losses, sequence_logprobs, shape_rewards, surrogate, token_covariance,
+                              update_policy, zero_std_groups)

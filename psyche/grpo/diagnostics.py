@@ -135,9 +135,9 @@ class StepDiagnostics:
             t, _ = objective(lp, ent, b, self.lc, n_tokens, n_seqs, agg=mode)
             self.sums[f"pg_loss/{mode}"] += float(t["pg"])
             self.sums[f"loss/{mode}"] += float(t["loss"])
-        for name in POLICY_LOSSES:  # every policy-loss variant under the configured aggregation (the two
-            if name in ("clip_cov", "kl_cov") and name not in b.cov_selected:  # -cov ones when update_policy
-                continue  # chose their tokens)
+        for name, pl in POLICY_LOSSES.items():  # every policy-loss variant under the configured aggregation
+            if pl.selects and name not in b.cov_selected:  # (Clip-Cov, KL-Cov: when update_policy chose their tokens)
+                continue
             t, _ = objective(lp, ent, b, self.lc, n_tokens, n_seqs, policy=name)
             self.sums[f"pg_loss/{name}"] += float(t["pg"])
         e = ent.float()

@@ -10,8 +10,9 @@ Where this differs from the GRPO paper (DeepSeekMath), each a setting with the p
 - the KL penalty is k3 in the loss by default, as in the paper, but k1/k2 and a KL in the reward are settings;
 - the default aggregation is token-mean over the mini-batch (DAPO), not the paper's per-sequence mean
   (`grpo.loss_agg = "seq-mean-token-mean"`);
-- with one update per rollout (the default) the old log-probs are the current ones detached (ratio 1), so
-  the clip never acts; several mini-batches or ppo_epochs > 1 bring the clip into play;
+- with one update per rollout (mini_batch = prompts_per_step, ppo_epochs = 1) the old log-probs are the
+  current ones detached (ratio 1), so the clip never acts; the defaults make 4 updates per rollout (mini-batches
+  of 32 of 128 prompts), where it does;
 - truncated completions get reward 0 (the paper does not say), and groups with equal rewards can be
   replaced (dynamic sampling, DAPO).
 """
@@ -33,8 +34,8 @@ from psyche.data import DataError, format_mc_prompt, read_records
 from psyche.grpo.diagnostics import (StepDiagnostics, kl_check, record_pass_rates, replay_due, save_logged,
                                      save_step_dump)
 from psyche.grpo.step import (LossConfig, RolloutBatch, apply_truncation_mask, batched_logprobs, build_batch, combine,
-                         combine_kind, compute_advantages, completion_kl, kl_estimate, logprob_gap, rollout_stats,
-                         shape_rewards, update_policy, zero_std_groups)
+                              combine_kind, compute_advantages, completion_kl, concat, kl_estimate, logprob_gap,
+                              rollout_stats, shape_rewards, update_policy, zero_std_groups)
 from psyche.rewards import RewardError, RewardSet
 from psyche.sampler import generate, row_seeds, splitmix64
 
@@ -112,8 +113,8 @@ def sample_groups(policy, prompts, idx, gc, tok, reward_set, seeds) -> RolloutBa
     """Rollouts for prompts `idx` (row seeds `seeds`, len(idx) * group_size) with their rewards."""
     ids = [prompts[i]["ids"] for i in idx]
     with torch.no_grad(), dist.unsharded(policy):
-        r = generate(policy, ids, n=gc.group_size, max_new_tokens=gc.max_new_tokens, temperature=gc.temperature,
-                     top_p=gc.top_p, top_k=gc.top_k, stop_token_ids=tok.stop_ids, seeds=seeds, pad_id=tok.pad_id)
+        r = generate(policy, ids, n=gc.group_size, max_new_tokens=gc.max_new_tokens, sampling=gc.sampling,
+                     stop_token_ids=tok.stop_ids, seed=seeds, pad_id=tok.pad_id)
     b = build_batch(ids, r, tok.pad_id)
     src = [idx[int(p)] for p in r.prompt_index]  # each row's prompt
     b.texts = r.texts(tok, skip_special_tokens=True)
@@ -130,24 +131,6 @@ def sample_groups(policy, prompts, idx, gc, tok, reward_set, seeds) -> RolloutBa
     b.rewards = torch.tensor(totals, dtype=torch.float32, device=b.input_ids.device)
     b.reward_parts = {k: torch.tensor(v, dtype=torch.float32) for k, v in parts.items()}
     return b
-
-
-def concat(batches: list[RolloutBatch]) -> RolloutBatch:
-    """Stack rollout batches (padding sequences to the longest)."""
-    T = max(b.input_ids.shape[1] for b in batches)
-
-    def pad(x, v):
-        return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)
-
-    cat = lambda name, v: torch.cat([pad(getattr(b, name), v) for b in batches])  # noqa: E731
-    lists = lambda name: [x for b in batches for x in getattr(b, name)]  # noqa: E731
-    return RolloutBatch(cat("input_ids", 0), cat("targets", -1), cat("mask", False), cat("sampler_logp", 0.0),
-                        torch.cat([b.lengths for b in batches]), torch.cat([b.finished for b in batches]),
-                        batches[0].group_size, torch.cat([b.rewards for b in batches]),
-                        reward_parts={k: torch.cat([b.reward_parts[k] for b in batches])
-                                      for k in batches[0].reward_parts},
-                        texts=lists("texts"), prompts=lists("prompts"), items=lists("items"),
-                        prompt_ids=lists("prompt_ids"))
 
 
 def select_groups(b: RolloutBatch, groups: list[int]) -> RolloutBatch:
@@ -356,10 +339,24 @@ def write_step_files(run_dir: Path, gc, step: int, b: RolloutBatch, metrics: dic
 
 # ---- the loop ----
 
+class Laps:
+    """Wall time of a step's phases: lap(name) ends the phase that ran since the last lap (or takes `seconds`
+    measured inside it, e.g. the reference's share of scoring) -> times {time_<name>: s}; total: all of them."""
+
+    def __init__(self):
+        self.t, self.total, self.times = time.time(), 0.0, {}
+
+    def lap(self, name: str, seconds: float | None = None):
+        now = time.time()
+        dt = now - self.t if seconds is None else seconds
+        self.times[f"time_{name}"] = dt
+        self.total += dt
+        self.t = now if seconds is None else self.t + seconds
+
 def run_grpo(cfg: RunConfig) -> Path:
     """Train per `cfg.grpo`; returns the run directory."""
     from psyche.run import Run, begin
-    from psyche.sft import prepare_init
+    from psyche.run import prepare_init
     from psyche.tokenizer import Tokenizer
     from psyche.validate import check_grpo
     from psyche.weights import load_pretrained
@@ -380,14 +377,7 @@ def run_grpo(cfg: RunConfig) -> Path:
     if gc.kl_coef > 0 or gc.exact_kl:  # a full frozen copy on every rank (compute dtype), optionally on the CPU
         ref, _ = load_pretrained(init_dir, dtype=run.compute_dtype, device="cpu" if gc.ref_offload else device)
         ref.requires_grad_(False).eval()
-    lc = LossConfig(temperature=gc.temperature, clip_low=gc.clip_low, clip_high=gc.clip_high,
-                    dual_clip=gc.dual_clip or None, ratio_level=gc.ratio_level, agg=gc.loss_agg,
-                    norm_length=gc.norm_length or gc.max_new_tokens, kl_coef=gc.kl_coef, kl_kind=gc.kl_kind,
-                    kl_in_loss=gc.kl_mode == "loss", entropy_coef=gc.entropy_coef, policy_loss=gc.policy_loss,
-                    sapo_tau_pos=gc.sapo_tau_pos, sapo_tau_neg=gc.sapo_tau_neg, clip_cov_ratio=gc.clip_cov_ratio,
-                    clip_cov_lb=gc.clip_cov_lb, clip_cov_ub=gc.clip_cov_ub, kl_cov_ratio=gc.kl_cov_ratio,
-                    kl_cov_coef=gc.kl_cov_coef, rollout_correction=gc.rollout_correction,
-                    rc_threshold=gc.rc_threshold, rc_low=gc.rc_low)
+    lc = LossConfig.from_grpo(gc)
     n_updates = gc.prompts_per_step // mini * gc.ppo_epochs
     dist.print0(f"grpo: {len(prompts)} prompts ({too_long} dropped as longer than {gc.max_prompt_length} tokens); "
                 f"{gc.prompts_per_step} prompts x {gc.group_size} samples per step, {gc.prompts_per_step // mini} "
@@ -405,7 +395,7 @@ def run_grpo(cfg: RunConfig) -> Path:
     sampler_amp = sampler_precision(gc.sampler_dtype, run)
 
     for step in run.steps():
-        t0 = time.time()
+        clock = Laps()
         try:  # rollouts and rewards
             with sampler_amp:
                 b, sampling = gather_rollouts(policy, prompts, stream, gc, tok, reward_set, seed=cfg.run.seed,
@@ -413,12 +403,13 @@ def run_grpo(cfg: RunConfig) -> Path:
         except RewardError as e:
             raise RewardError(f"step {step}: {e}; stopped before the update. Last good checkpoint: "
                               f"{latest_checkpoint(run.dir) or 'none'} (untouched)") from e
-        t_roll = time.time()
+        clock.lap("rollout")
         b.rewards = shape_rewards(b.rewards, b, truncation=gc.truncation, max_new_tokens=gc.max_new_tokens,
                                   overlong_buffer=gc.overlong_buffer, overlong_penalty=gc.overlong_penalty)
         with run.amp:  # reference and old log-probs
             metrics, t_ref = score_rollouts(policy, ref, b, gc, n_updates=n_updates, device=device)
-        t_old = time.time()
+        clock.lap("reference", t_ref)
+        clock.lap("old_logprob")
         b.advantages = compute_advantages(b.rewards, gc.group_size, estimator=gc.advantage, std_ddof=gc.std_ddof,
                                           eps=gc.adv_eps, lengths=b.lengths, reduce=dist.sum_over_ranks)
         metrics.update(sampling)
@@ -435,19 +426,18 @@ def run_grpo(cfg: RunConfig) -> Path:
             metrics.update(first.metrics())
         lr = run.optimizer.param_groups[0]["lr"]
         run.scheduler.step()
-        t_end = time.time()
+        clock.lap("update")
         if not math.isfinite(upd["loss"]) or not math.isfinite(upd["grad_norm"]):
             run.stop(step, f"loss {upd['loss']} / grad norm {upd['grad_norm']}", "before the checkpoint")
         metrics.update(upd)
-        metrics.update(lr=lr, time_rollout=t_roll - t0, time_reference=t_ref,
-                       time_old_logprob=t_old - t_roll - t_ref, time_update=t_end - t_old)
+        metrics.update(lr=lr, **clock.times)
         metrics = combine_ranks(b, metrics)
         reset = bool(gc.ref_reset_every and step % gc.ref_reset_every == 0)
         if reset and ref is not None:
             reset_reference(policy, ref)
         if metrics is not None:
             n_tok = metrics["update_tokens"] // max(gc.ppo_epochs, 1)
-            metrics.update(tokens=n_tok, tok_per_s=n_tok / max(t_end - t0, 1e-9), ref_reset=int(reset))
+            metrics.update(tokens=n_tok, tok_per_s=n_tok / max(clock.total, 1e-9), ref_reset=int(reset))
         write_step_files(run.dir, gc, step, b, metrics, dumped)
         run.log(step, metrics, ("loss", "reward_mean", "accuracy", "zero_std_frac", "kl", "entropy",
                                 "response_length_mean", "clip_frac_high", "grad_norm", "logprob_gap",

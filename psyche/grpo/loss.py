@@ -11,158 +11,168 @@ it logs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
-ESTIMATORS = ("grpo", "dr_grpo", "rloo", "batch_std", "reinforce_pp", "reinforce_pp_baseline", "opo", "grpo_passk")
-NEEDS_LENGTHS = ("reinforce_pp", "reinforce_pp_baseline", "opo")  # estimators that weight rows by their tokens
-KL_KINDS = ("k1", "k2", "k3")
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-WHITEN_EPS = 1e-8  # verl's masked_whiten: (x − mean) / sqrt(var + 1e-8)
+from psyche.grpo.advantages import ESTIMATORS, _one_process, compute_advantages, zero_std_groups  # noqa: F401
 
 
-def _one_process(xs: list) -> list:
-    return [float(x) for x in xs]
+def _registrar(registry: dict, make):
+    """A decorator factory that records a function in `registry` under a name, with `make(fn, **facts)`."""
+    def register(name: str, **facts):
+        def deco(fn):
+            registry[name] = make(fn, **facts)
+            return fn
+        return deco
+    return register
 
 
-def token_whiten(x: torch.Tensor, lengths: torch.Tensor, reduce=None) -> torch.Tensor:
-    """Whiten per-row values x (N,) as if each were repeated over its row's L_i completion tokens (the
-    token-level whitening of REINFORCE++ with an outcome reward):
-
-        n = Σ_i L_i,   μ = Σ_i L_i x_i / n,   σ² = Σ_i L_i (x_i − μ)² / (n − 1),   x̂_i = (x_i − μ) / sqrt(σ² + 1e-8)
-
-    over the whole batch: `reduce` sums a list of numbers over ranks (psyche.dist.sum_over_ranks), so the
-    statistics are those of the global batch."""
-    reduce = reduce or _one_process
-    L = lengths.to(torch.float64)
-    n, s = reduce([L.sum(), (L * x).sum()])
-    mu = s / n
-    (ss,) = reduce([(L * (x - mu) ** 2).sum()])
-    if n < 2:
-        raise ValueError(f"token whitening needs at least 2 completion tokens in the batch, got {n:g}")
-    return (x - mu) / (ss / (n - 1) + WHITEN_EPS) ** 0.5
+def _summary(fn) -> str:
+    return (fn.__doc__ or fn.__name__).strip().splitlines()[0]
 
 
-def compute_advantages(rewards: torch.Tensor, group_size: int, *, estimator: str = "grpo", std_ddof: int = 1,
-                       eps: float = 1e-6, lengths: torch.Tensor | None = None, reduce=None) -> torch.Tensor:
-    """rewards (N,) with N = prompts × group_size, a prompt's completions consecutive -> advantages (N,),
-    one per completion (its tokens share it). lengths (N,): completion lengths, for the estimators that
-    weight by tokens; reduce: sums over ranks, for the ones with batch statistics (see `token_whiten`).
+# ---- KL estimators (grpo.kl_kind) ----
 
-    grpo:      A_i = (r_i − mean_g r) / (std_g r + eps), std over the group with `std_ddof`
-               (1: verl, TRL, OpenRLHF; 0: several minimal implementations).
-    dr_grpo:   A_i = r_i − mean_g r  (Dr. GRPO: no division by the std; no difficulty bias).
-    rloo:      A_i = r_i − mean_{j≠i} r_j = G/(G−1) · (r_i − mean_g r)  (leave-one-out baseline).
-    batch_std: A_i = (r_i − mean_g r) / (std_batch r + eps)  (group mean, std over this rank's batch).
-    reinforce_pp:          A_i = token_whiten(r)_i  (REINFORCE++: no group baseline; returns whitened
-                           over the batch's completion tokens, γ = 1, the reward on the last token).
-    reinforce_pp_baseline: A_i = token_whiten(r − mean_g r)_i  (REINFORCE++ with the group mean as baseline).
-    opo:       A_i = r_i − Σ_g L_j r_j / Σ_g L_j  (OPO: the length-weighted group mean is the optimal baseline
-               for a sequence-level reward; no std).
-    grpo_passk: per group only the best completion learns: A_{i*} = (r_max − r_second) / (std_g r + eps) with
-               i* = argmax (torch.topk's choice among ties), std unbiased; every other A_i = 0 (pass@k training).
-    A group whose rewards are all equal gets A = 0 under every group estimator (also with eps = 0); the token-
-    whitened ones give such a group −μ/σ, as in verl: with no group baseline, every completion is compared
-    with the batch.
-    """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries, "
-                         f"got shape {tuple(rewards.shape)}")
-    if ((estimator in ("rloo", "grpo_passk") and group_size < 2)
-            or (estimator == "grpo" and group_size - std_ddof < 1)):
-        raise ValueError(f"group_size={group_size} is too small for estimator {estimator!r} (ddof={std_ddof})")
-    if estimator in NEEDS_LENGTHS and (lengths is None or lengths.shape != rewards.shape):
-        raise ValueError(f"estimator {estimator!r} needs the completion lengths, one per reward")
-    r = rewards.double().view(-1, group_size)  # (P, G)
-    centred = r - r.mean(dim=1, keepdim=True)
-    if estimator == "grpo":
-        std = r.std(dim=1, correction=std_ddof, keepdim=True)
-        adv = torch.where(std > 0, centred / (std + eps), 0.0)  # eps = 0 must not turn 0/0 into NaN
-    elif estimator == "dr_grpo":
-        adv = centred
-    elif estimator == "rloo":
-        adv = centred * group_size / (group_size - 1)
-    elif estimator == "batch_std":
-        adv = centred / (rewards.double().std(correction=std_ddof) + eps)
-    elif estimator == "reinforce_pp":
-        adv = token_whiten(r.flatten(), lengths, reduce)
-    elif estimator == "reinforce_pp_baseline":
-        adv = token_whiten(centred.flatten(), lengths, reduce)
-    elif estimator == "opo":
-        L = lengths.double().view(-1, group_size)
-        adv = r - (L * r).sum(1, keepdim=True) / L.sum(1, keepdim=True).clamp(min=1)
-    else:  # grpo_passk
-        top, idx = torch.topk(r, 2, dim=1)
-        gap = (top[:, 0] - top[:, 1]) / (r.std(dim=1) + eps)
-        adv = torch.zeros_like(r).scatter_(1, idx[:, :1], gap[:, None])
-    return adv.flatten().to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+@dataclass(frozen=True)
+class KLKind:
+    fn: Callable  # d = lp_ref − lp (per token) -> estimate
+    summary: str
 
 
-def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(P,) bool: groups whose rewards are all equal (they carry no learning signal)."""
-    r = rewards.view(-1, group_size)
-    return (r == r[:, :1]).all(dim=1)
+KL_KINDS: dict[str, KLKind] = {}
+kl_kind = _registrar(KL_KINDS, lambda fn: KLKind(fn, _summary(fn)))
+
+
+@kl_kind("k1")
+def _k1(d):
+    """k1 = −d = lp − lp_ref: unbiased, high variance, can be negative"""
+    return -d
+
+
+@kl_kind("k2")
+def _k2(d):
+    """k2 = ½ d²: biased, low variance, ≥ 0"""
+    return 0.5 * d * d
+
+
+@kl_kind("k3")
+def _k3(d):
+    """k3 = exp(d) − d − 1: unbiased, low variance, ≥ 0 (Schulman's estimator, used by GRPO)"""
+    return torch.exp(d) - d - 1
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token estimates of KL(π || π_ref) from samples of π. With d = lp_ref − lp:
+    """Per-token estimates of KL(π || π_ref) from samples of π, with d = lp_ref − lp, by the registered kind
+    (KL_KINDS: k1, k2, k3). No clamping: values are returned as computed."""
+    if kind not in KL_KINDS:
+        raise ValueError(f"kl kind must be one of {tuple(KL_KINDS)}, got {kind!r}")
+    return KL_KINDS[kind].fn(ref_logp - logp)
 
-    k1 = −d = lp − lp_ref               (unbiased, high variance, can be negative)
-    k2 = ½ d²                           (biased, low variance, ≥ 0)
-    k3 = exp(d) − d − 1                 (unbiased, low variance, ≥ 0; Schulman's estimator, used by GRPO)
-    No clamping: values are returned as computed.
-    """
-    d = ref_logp - logp
-    if kind == "k1":
-        return -d
-    if kind == "k2":
-        return 0.5 * d * d
-    if kind == "k3":
-        return torch.exp(d) - d - 1
-    raise ValueError(f"kl kind must be one of {KL_KINDS}, got {kind!r}")
+
+# ---- aggregations (grpo.loss_agg) ----
+
+@dataclass(frozen=True)
+class Aggregation:
+    fn: Callable  # (v·m (B, T), m (B, T), Counts) -> scalar
+    summary: str
+
+
+@dataclass(frozen=True)
+class Counts:
+    """The normalisers of an aggregation: the mini-batch's completion tokens and sequences (all micro-batches,
+    all ranks), and seq-mean-token-sum-norm's constant length."""
+
+    n_tokens: float
+    n_seqs: float
+    norm_length: float
+
+
+AGGS: dict[str, Aggregation] = {}
+aggregation = _registrar(AGGS, lambda fn: Aggregation(fn, _summary(fn)))
+
+
+@aggregation("token-mean")
+def _token_mean(vm, m, c: Counts):
+    """Σ_{i,t} m·v / n_tokens (DAPO)"""
+    return vm.sum() / max(float(c.n_tokens), 1.0)
+
+
+@aggregation("seq-mean-token-mean")
+def _seq_mean_token_mean(vm, m, c: Counts):
+    """Σ_i (Σ_t m·v / Σ_t m) / n_seqs (the original GRPO)"""
+    return (vm.sum(-1) / m.sum(-1).clamp(min=1)).sum() / max(float(c.n_seqs), 1.0)
+
+
+@aggregation("seq-mean-token-sum")
+def _seq_mean_token_sum(vm, m, c: Counts):
+    """Σ_i Σ_t m·v / n_seqs"""
+    return vm.sum() / max(float(c.n_seqs), 1.0)
+
+
+@aggregation("seq-mean-token-sum-norm")
+def _seq_mean_token_sum_norm(vm, m, c: Counts):
+    """Σ_i Σ_t m·v / (n_seqs · norm_length), norm_length a constant (Dr. GRPO)"""
+    return vm.sum() / (max(float(c.n_seqs), 1.0) * float(c.norm_length))
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, *, norm_length: float | None = None,
               n_tokens: float | None = None, n_seqs: float | None = None) -> torch.Tensor:
-    """Reduce per-token values (B, T) to a scalar.
+    """Reduce per-token values (B, T) to a scalar by the registered aggregation `agg` (AGGS).
 
-    token-mean:              Σ_{i,t} m·v / n_tokens
-    seq-mean-token-mean:     Σ_i (Σ_t m·v / Σ_t m) / n_seqs          (the original GRPO)
-    seq-mean-token-sum:      Σ_i Σ_t m·v / n_seqs
-    seq-mean-token-sum-norm: Σ_i Σ_t m·v / (n_seqs · norm_length)     (Dr. GRPO; norm_length a constant,
-                                                                      by default the mask's width T)
-    n_tokens / n_seqs default to this batch's counts. Pass the *global* counts (all micro-batches, all
-    ranks) and sum the micro-batch results: the total is then independent of how the batch was split.
+    n_tokens / n_seqs default to this batch's counts, norm_length to the mask's width T. Pass the *global*
+    counts (all micro-batches, all ranks) and sum the micro-batch results: the total is then independent of
+    how the batch was split.
     """
+    if agg not in AGGS:
+        raise ValueError(f"agg must be one of {tuple(AGGS)}, got {agg!r}")
     m = mask.to(values.dtype)
-    n_tokens = m.sum() if n_tokens is None else n_tokens
-    n_seqs = m.shape[0] if n_seqs is None else n_seqs
-    if agg == "token-mean":
-        return (values * m).sum() / max(float(n_tokens), 1.0)
-    if agg == "seq-mean-token-mean":
-        return ((values * m).sum(-1) / m.sum(-1).clamp(min=1)).sum() / max(float(n_seqs), 1.0)
-    if agg == "seq-mean-token-sum":
-        return (values * m).sum() / max(float(n_seqs), 1.0)
-    if agg == "seq-mean-token-sum-norm":
-        L = float(norm_length if norm_length is not None else mask.shape[-1])
-        return (values * m).sum() / (max(float(n_seqs), 1.0) * L)
-    raise ValueError(f"agg must be one of {AGGS}, got {agg!r}")
+    counts = Counts(m.sum() if n_tokens is None else n_tokens, m.shape[0] if n_seqs is None else n_seqs,
+                    norm_length if norm_length is not None else mask.shape[-1])
+    return AGGS[agg].fn(values * m, m, counts)
 
 
+# ---- policy losses (grpo.policy_loss) ----
+# Each returns (loss, stats), takes the aggregation's arguments and the optional rollout-correction weights
+# (multiplied into the per-token loss, as verl does), and follows verl 0.9.1's core_algos; where it differs,
+# its docstring says so. The registry entry maps the function's own keyword arguments to LossConfig fields
+# (`params`) and says whether it needs a token selection from `cov_select` (`selects`).
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    fn: Callable
+    params: dict  # the function's keyword -> the LossConfig field that gives it
+    selects: bool  # takes the tokens cov_select chose (Clip-Cov, KL-Cov), positionally after the mask
+    summary: str
+
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+
+
+def policy_loss_variant(name: str, *, params=(), selects: bool = False):
+    """Register a policy loss. params: LossConfig fields passed as keywords of the same name, or a dict
+    {keyword: LossConfig field}."""
+    def deco(fn):
+        p = dict(params) if isinstance(params, dict) else {k: k for k in params}
+        POLICY_LOSSES[name] = PolicyLoss(fn, p, selects, _summary(fn))
+        return fn
+    return deco
+
+
+@policy_loss_variant("ppo", params=("clip_low", "clip_high", "dual_clip", "ratio_level"))
 def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip_high: float = 0.2,
-                dual_clip: float | None = None, ratio_level: str = "token", agg: str = "token-mean",
+                dual_clip: float | None = 0.0, ratio_level: str = "token", agg: str = "token-mean",
                 norm_length: float | None = None, n_tokens=None, n_seqs=None, weights=None):
-    """The clipped surrogate (policy_loss = "ppo"). logp, old_logp, mask: (B, T); advantages: (B,).
-    Returns (loss, stats).
+    """PPO's clipped surrogate, token or sequence (GSPO) ratio, clip-higher (DAPO) and dual clip
+
+    logp, old_logp, mask: (B, T); advantages: (B,). Returns (loss, stats).
 
     ratio_level "token":    ρ_{i,t} = exp(lp_{i,t} − lp_old_{i,t})
     ratio_level "sequence": ρ_{i,t} = exp(sg(log s_i) + lp_{i,t} − sg(lp_{i,t})),
                             s_i = exp(Σ_t m·(lp − lp_old) / Σ_t m)                (GSPO)
     ℓ_{i,t} = max(−A_i ρ, −A_i clip(ρ, 1 − clip_low, 1 + clip_high))            (PPO; DAPO when high > low)
-    dual clip (c = dual_clip > 1): for A_i < 0, ℓ ← min(ℓ, −c·A_i)              (bounds the loss of
+    dual clip (c = dual_clip > 1; 0 or None: off): for A_i < 0, ℓ ← min(ℓ, −c·A_i)   (bounds the loss of
                                                                                  huge ratios on bad samples)
     loss = aggregate(w·ℓ, mask, agg, ...)  — see `aggregate`; w: rollout-correction weights (detached), or 1.
 
@@ -178,7 +188,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
     loss_tok, ratio = _ppo_tokens(logp, old_logp, advantages, mask, clip_low, clip_high, ratio_level)
     A = advantages.to(logp.dtype)[:, None]
     dual = torch.zeros_like(loss_tok, dtype=torch.bool)
-    if dual_clip is not None:
+    if dual_clip:
         if dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
         bound = -A * dual_clip
@@ -231,7 +241,6 @@ def _ratio_stats(ratio: torch.Tensor, mb: torch.Tensor) -> dict:
 # rollout-correction weights (multiplied into the per-token loss, as verl does), and follows verl 0.9.1's
 # core_algos; where it differs, its docstring says so.
 
-POLICY_LOSSES = ("ppo", "cispo", "gmpo", "sapo", "clip_cov", "kl_cov")
 LOG_RATIO_BOUND = 20.0  # log-ratios are clamped to ±20 before exp where verl does (cispo, sapo, IS weights)
 
 
@@ -246,9 +255,10 @@ def _unclipped_stats(ratio, mask) -> dict:
     return {"clip_frac_low": zero, "clip_frac_high": zero, **_ratio_stats(ratio, mask.bool())}
 
 
+@policy_loss_variant("cispo", params=("clip_low", "clip_high"))
 def cispo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, agg="token-mean",
                norm_length=None, n_tokens=None, n_seqs=None, weights=None):
-    """CISPO (MiniMax-M1): clip the importance weight, not the update, and stop its gradient:
+    """CISPO: the importance weight clipped and detached, every token keeps a gradient (MiniMax-M1)
 
         ρ = exp(clamp(lp − lp_old, ±20)),   ℓ_{i,t} = −sg(clip(ρ, 1 − clip_low, 1 + clip_high)) · A_i · lp_{i,t}
 
@@ -266,10 +276,12 @@ def cispo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2,
     return loss, stats
 
 
+@policy_loss_variant("gmpo", params=("clip_low", "clip_high"))
 def gmpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.4, clip_high=0.4, n_seqs=None, weights=None,
               **_agg):
-    """GMPO (geometric-mean policy optimisation): one ratio per sequence, the geometric mean of its token
-    ratios, each clipped in log space on the side the advantage pushes:
+    """GMPO: one ratio per sequence, the geometric mean of its clipped token ratios (a sequence mean)
+
+    Each token ratio is clipped in log space on the side the advantage pushes:
 
         d_{i,t} = lp − lp_old,   d̂ = sign(A_i) · min(sign(A_i)·d, sign(A_i)·clamp(d, −clip_low, clip_high))
         ρ_i = exp(Σ_t m·d̂ / (Σ_t m + 1e-8)),   ℓ_i = −A_i · ρ_i · w_i,   loss = Σ_i ℓ_i / n_seqs
@@ -310,9 +322,10 @@ def gmpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.4, clip_high=0.4, 
     return loss, stats
 
 
+@policy_loss_variant("sapo", params={"tau_pos": "sapo_tau_pos", "tau_neg": "sapo_tau_neg"})
 def sapo_loss(logp, old_logp, advantages, mask, *, tau_pos=1.0, tau_neg=1.05, agg="seq-mean-token-mean",
               norm_length=None, n_tokens=None, n_seqs=None, weights=None):
-    """SAPO (soft adaptive policy optimisation): a smooth gate in place of the hard clip,
+    """SAPO: a smooth sigmoid gate in place of the hard clip (`sapo_tau_pos/neg`)
 
         ρ = exp(clamp(lp − lp_old, ±20)),   τ = τ_pos if A_i > 0 else τ_neg,
         f(ρ) = σ(τ·(ρ − 1)) · 4/τ,   ℓ_{i,t} = −f(ρ_{i,t}) · A_i
@@ -389,9 +402,12 @@ def cov_select(kind: str, cov, mask, *, ratio: float, lb: float = 1.0, ub: float
     raise ValueError(f"cov selection kind must be clip_cov or kl_cov, got {kind!r}")
 
 
+@policy_loss_variant("clip_cov", params=("clip_low", "clip_high"), selects=True)
 def clip_cov_loss(logp, old_logp, advantages, mask, selected, *, clip_low=0.2, clip_high=0.2, agg="token-mean",
                   norm_length=None, n_tokens=None, n_seqs=None, weights=None):
-    """Clip-Cov: the PPO loss with the gradient of the `selected` tokens (cov_select) cut:
+    """Clip-Cov: PPO with the gradient cut on a few high-covariance tokens (`clip_cov_ratio/lb/ub`)
+
+    The `selected` tokens come from cov_select:
 
         ℓ_{i,t} = max(−A ρ, −A clip(ρ, 1 − clip_low, 1 + clip_high)) · (0 if selected else 1)
 
@@ -404,9 +420,12 @@ def clip_cov_loss(logp, old_logp, advantages, mask, selected, *, clip_low=0.2, c
     return loss, stats
 
 
+@policy_loss_variant("kl_cov", params={"coef": "kl_cov_coef"}, selects=True)
 def kl_cov_loss(logp, old_logp, advantages, mask, selected, *, coef=0.1, agg="token-mean", norm_length=None,
                 n_tokens=None, n_seqs=None, weights=None):
-    """KL-Cov: the unclipped policy gradient, plus a penalty on how far the `selected` tokens moved:
+    """KL-Cov: unclipped, a penalty on the highest-covariance tokens' abs(log ratio) (`kl_cov_ratio/coef`)
+
+    The penalty acts on how far the `selected` tokens moved:
 
         ℓ_{i,t} = −A_i ρ_{i,t} + coef · |lp − lp_old|_{i,t} · [selected]
 
@@ -423,7 +442,38 @@ def kl_cov_loss(logp, old_logp, advantages, mask, selected, *, coef=0.1, agg="to
 
 # ---- rollout correction (grpo.rollout_correction) ----
 
-ROLLOUT_CORRECTIONS = ("none", "tis", "seq_tis", "mis", "seq_mis")
+@dataclass(frozen=True)
+class RolloutCorrection:
+    fn: Callable  # (raw weights (B, T), mask (B, T) bool, threshold, low) -> (w, truncated, dropped)
+    level: str  # "token" or "sequence": the weight of each token, or of the whole row
+    band: bool  # weights outside [low, threshold] are dropped (else: truncated at threshold)
+    summary: str
+
+
+ROLLOUT_CORRECTIONS: dict[str, RolloutCorrection] = {}  # beside them, "none": no correction
+
+
+def correction(name: str, *, level: str, band: bool):
+    """Register a rollout correction: `fn` turns raw importance weights into the weights the loss uses."""
+    def deco(fn):
+        ROLLOUT_CORRECTIONS[name] = RolloutCorrection(fn, level, band, f"{_summary(fn)}, per {level}")
+        return fn
+    return deco
+
+
+@correction("seq_tis", level="sequence", band=False)
+@correction("tis", level="token", band=False)
+def truncated_is(raw, mb, threshold, low):
+    """w ← min(w, threshold): truncated IS"""
+    return raw.clamp(max=threshold), (raw > threshold) & mb, torch.zeros_like(mb)
+
+
+@correction("seq_mis", level="sequence", band=True)
+@correction("mis", level="token", band=True)
+def masked_is(raw, mb, threshold, low):
+    """w ← w · [low ≤ w ≤ threshold]: masked IS (IcePop), what leaves the band gets 0"""
+    keep = (raw >= low) & (raw <= threshold)
+    return torch.where(keep, raw, torch.zeros_like(raw)), torch.zeros_like(mb), ~keep & mb
 
 
 def rollout_correction(trainer_logp, sampler_logp, mask, mode: str, *, threshold: float = 2.0, low: float = 0.5):
@@ -431,33 +481,26 @@ def rollout_correction(trainer_logp, sampler_logp, mask, mode: str, *, threshold
     precision make its π_sampler differ from the π_old the trainer computes for the same weights):
 
         δ_{i,t} = lp_old − lp_sampler;   token: w = exp(clamp(δ, ±20));   sequence: w_i = exp(clamp(Σ_t m·δ, ±20))
-        tis / seq_tis:  w ← min(w, threshold)                         (truncated IS)
-        mis / seq_mis:  w ← w · [low ≤ w ≤ threshold]                  (masked IS, IcePop: tokens or whole
-                                                                        sequences outside the band get 0)
+        then the registered correction `mode` (ROLLOUT_CORRECTIONS): tis / seq_tis truncate at threshold,
+        mis / seq_mis zero the tokens (or whole sequences) outside [low, threshold]
     -> (weights (B, T), detached, 0 off the mask; stats). As verl's compute_rollout_correction_weights with
     rollout_is = token | sequence and threshold "C" (TIS) or "low_C" (IcePop). With lp_old == lp_sampler
     every weight is exactly 1. stats: rc/weight_mean, rc/weight_max (over completion tokens),
     rc/truncated_frac (tokens whose weight was truncated: w > threshold), rc/masked_frac (tokens given 0),
     rc/seq_truncated_frac, rc/seq_masked_frac (the same for sequences: any of their tokens)."""
-    if mode not in ROLLOUT_CORRECTIONS or mode == "none":
-        raise ValueError(f"rollout correction must be one of {ROLLOUT_CORRECTIONS[1:]}, got {mode!r}")
+    if mode not in ROLLOUT_CORRECTIONS:
+        raise ValueError(f"rollout correction must be one of {tuple(ROLLOUT_CORRECTIONS)}, got {mode!r}")
+    rc = ROLLOUT_CORRECTIONS[mode]
     with torch.no_grad():
         dt = torch.promote_types(trainer_logp.dtype, torch.float32)  # fp32 at least (bf16 log-probs are coarse)
         m = mask.to(dt)
         mb = mask.bool()
         delta = (trainer_logp.to(dt) - sampler_logp.to(dt)) * m
-        if mode.startswith("seq_"):
+        if rc.level == "sequence":
             raw = torch.exp(delta.sum(-1, keepdim=True).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)).expand_as(m)
         else:
             raw = torch.exp(delta.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
-        raw = raw * m
-        if mode.endswith("tis"):
-            w = raw.clamp(max=threshold)
-            truncated, dropped = (raw > threshold) & mb, torch.zeros_like(mb)
-        else:
-            keep = (raw >= low) & (raw <= threshold)
-            w = torch.where(keep, raw, torch.zeros_like(raw))
-            truncated, dropped = torch.zeros_like(mb), ~keep & mb
+        w, truncated, dropped = rc.fn(raw * m, mb, threshold, low)
         wd = w.double()
         stats = {"rc/weight_mean": (wd * m).sum() / m.sum().clamp(min=1),
                  "rc/weight_max": torch.where(mb.any(), wd.masked_fill(~mb, -torch.inf).max(), 1.0),
@@ -478,12 +521,14 @@ def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float 
 
 @dataclass
 class LossConfig:
-    """The knobs of one update, as plain values (a view of the run config's grpo section)."""
+    """The knobs of one update, as plain values: a view of the run config's grpo section (`from_grpo`), whose
+    keys of the same name they are, but for agg (grpo.loss_agg), norm_length (None: the mask's width) and
+    kl_in_loss (grpo.kl_mode == "loss")."""
 
     temperature: float = 1.0
     clip_low: float = 0.2
     clip_high: float = 0.2
-    dual_clip: float | None = None
+    dual_clip: float = 0.0  # 0: off
     ratio_level: str = "token"
     agg: str = "token-mean"
     norm_length: float | None = None
@@ -503,29 +548,29 @@ class LossConfig:
     rc_threshold: float = 2.0
     rc_low: float = 0.5
 
+    @classmethod
+    def from_grpo(cls, g) -> "LossConfig":
+        """The loss settings of a run config's grpo section `g` (the one place they are read from it)."""
+        derived = {"agg": g.loss_agg, "norm_length": g.norm_length or g.max_new_tokens,
+                   "kl_in_loss": g.kl_mode == "loss"}
+        same = {f.name: getattr(g, f.name) for f in fields(cls) if f.name not in derived and hasattr(g, f.name)}
+        return cls(**same, **derived)
+
 
 def surrogate(name: str, lp, old, advantages, mask, lc: LossConfig, *, agg: str, weights=None, selected=None,
               **counts):
-    """The policy term of the loss under policy loss `name` (one of POLICY_LOSSES), with lc's parameters
-    -> (loss, stats). selected: the tokens cov_select chose, for clip_cov and kl_cov."""
-    kw = dict(agg=agg, weights=weights, **counts)
-    if name == "ppo":
-        return policy_loss(lp, old, advantages, mask, clip_low=lc.clip_low, clip_high=lc.clip_high,
-                           dual_clip=lc.dual_clip, ratio_level=lc.ratio_level, **kw)
-    if name == "cispo":
-        return cispo_loss(lp, old, advantages, mask, clip_low=lc.clip_low, clip_high=lc.clip_high, **kw)
-    if name == "gmpo":
-        return gmpo_loss(lp, old, advantages, mask, clip_low=lc.clip_low, clip_high=lc.clip_high, **kw)
-    if name == "sapo":
-        return sapo_loss(lp, old, advantages, mask, tau_pos=lc.sapo_tau_pos, tau_neg=lc.sapo_tau_neg, **kw)
-    if name in ("clip_cov", "kl_cov"):
+    """The policy term of the loss under the registered policy loss `name` (POLICY_LOSSES), with lc's
+    parameters -> (loss, stats). selected: the tokens cov_select chose, for the losses that select."""
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"policy loss must be one of {tuple(POLICY_LOSSES)}, got {name!r}")
+    pl = POLICY_LOSSES[name]
+    extra = ()
+    if pl.selects:
         if selected is None:
             raise ValueError(f"policy loss {name!r} needs its token selection (RolloutBatch.cov_selected)")
-        if name == "clip_cov":
-            return clip_cov_loss(lp, old, advantages, mask, selected, clip_low=lc.clip_low,
-                                 clip_high=lc.clip_high, **kw)
-        return kl_cov_loss(lp, old, advantages, mask, selected, coef=lc.kl_cov_coef, **kw)
-    raise ValueError(f"policy loss must be one of {POLICY_LOSSES}, got {name!r}")
+        extra = (selected,)
+    kw = {k: getattr(lc, f) for k, f in pl.params.items()}
+    return pl.fn(lp, old, advantages, mask, *extra, agg=agg, weights=weights, **kw, **counts)
 
 
 def objective(lp, ent, b, lc: LossConfig, n_tokens, n_seqs, *, agg: str | None = None, mask=None,
@@ -568,3 +613,15 @@ def objective(lp, ent, b, lc: LossConfig, n_tokens, n_seqs, *, agg: str | None =
         loss = loss - lc.entropy_coef * terms["entropy"]
     terms["loss"] = loss
     return terms, stats
+
+
+# ---- the registries, as the config and the README see them ----
+
+REGISTRIES = {"advantage": ESTIMATORS, "policy_loss": POLICY_LOSSES, "loss_agg": AGGS, "kl_kind": KL_KINDS,
+              "rollout_correction": ROLLOUT_CORRECTIONS}  # grpo.<key> -> its registry
+NONE_FIRST = {"rollout_correction"}  # keys whose first choice is "none" (no variant at all)
+
+
+def registered(key: str) -> list[str]:
+    """The values grpo.<key> may take: its registry's names in registration order (the default first)."""
+    return (["none"] if key in NONE_FIRST else []) + list(REGISTRIES[key])

@@ -17,7 +17,7 @@ between the sampler, the reward functions and the optimizer. Deliberate choices,
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
@@ -29,29 +29,35 @@ from psyche.grpo.loss import (AGGS, ESTIMATORS, KL_KINDS, POLICY_LOSSES, ROLLOUT
 from psyche.sampler import Rollout
 
 
+def _per(kind: str, default=MISSING, factory=MISSING):
+    """A RolloutBatch field with one entry per row, of `kind`: "token" (N, T), "row" (N,), "list" (N items),
+    "token_dict" / "row_dict" (a dict of such tensors). `rows` and `concat` keep every such field aligned."""
+    return field(default=default, default_factory=factory, metadata={"per": kind})
+
+
 @dataclass
 class RolloutBatch:
     """N = prompts × G sequences (prompt + completion), right-padded, in sequence coordinates: position t of
     a row predicts token t + 1, so completion token k of row i sits at target position P_i − 1 + k.
     A prompt's G rows are consecutive. Every per-row field has N entries and `rows` keeps them aligned."""
 
-    input_ids: torch.Tensor  # (N, T)
-    targets: torch.Tensor  # (N, T) next token at completion positions, −1 elsewhere
-    mask: torch.Tensor  # (N, T) bool: positions whose target is a completion token (stop token included)
-    sampler_logp: torch.Tensor  # (N, T) log-probs the sampler reported, at the same positions
-    lengths: torch.Tensor  # (N,) completion lengths
-    finished: torch.Tensor  # (N,) ended on a stop token
+    input_ids: torch.Tensor = _per("token")  # (N, T)
+    targets: torch.Tensor = _per("token")  # (N, T) next token at completion positions, −1 elsewhere
+    mask: torch.Tensor = _per("token")  # (N, T) bool: positions whose target is a completion token (stop included)
+    sampler_logp: torch.Tensor = _per("token")  # (N, T) log-probs the sampler reported, at the same positions
+    lengths: torch.Tensor = _per("row")  # (N,) completion lengths
+    finished: torch.Tensor = _per("row")  # (N,) ended on a stop token
     group_size: int
-    rewards: torch.Tensor | None = None  # (N,)
-    advantages: torch.Tensor | None = None  # (N,)
-    old_logp: torch.Tensor | None = None  # (N, T) the sampling policy's log-probs as the trainer computes them
-    ref_logp: torch.Tensor | None = None  # (N, T)
-    reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (N,) each reward function
-    texts: list[str] = field(default_factory=list)  # N completion texts
-    prompts: list[str] = field(default_factory=list)  # N prompt texts (repeated per group)
-    items: list[dict] = field(default_factory=list)  # N items the rewards checked (answer, qtype, id, ...)
-    prompt_ids: list[int] = field(default_factory=list)  # N indices of each row's prompt in the prompt file(s)
-    cov_selected: dict[str, torch.Tensor] = field(default_factory=dict)  # clip_cov / kl_cov -> (N, T) bool:
+    rewards: torch.Tensor | None = _per("row", None)  # (N,)
+    advantages: torch.Tensor | None = _per("row", None)  # (N,)
+    old_logp: torch.Tensor | None = _per("token", None)  # (N, T) the sampling policy's log-probs, the trainer's
+    ref_logp: torch.Tensor | None = _per("token", None)  # (N, T)
+    reward_parts: dict[str, torch.Tensor] = _per("row_dict", factory=dict)  # name -> (N,) each reward function
+    texts: list[str] = _per("list", factory=list)  # N completion texts
+    prompts: list[str] = _per("list", factory=list)  # N prompt texts (repeated per group)
+    items: list[dict] = _per("list", factory=list)  # N items the rewards checked (answer, qtype, id, ...)
+    prompt_ids: list[int] = _per("list", factory=list)  # N indices of each row's prompt in the prompt file(s)
+    cov_selected: dict[str, torch.Tensor] = _per("token_dict", factory=dict)  # clip_cov / kl_cov -> (N, T) bool:
     #                                                        the tokens cov_select chose (select_cov_tokens)
 
     @property
@@ -67,15 +73,44 @@ class RolloutBatch:
         # the last target position t needs inputs 0..t; one more column keeps the token t predicts, so each
         # trimmed row is still its whole sequence
         T = int(m.nonzero()[:, 1].max()) + ROW_TAIL if m.any() else 1
-        cut = lambda x: None if x is None else x[idx][:, :T]  # noqa: E731
-        pick = lambda x: None if x is None else x[idx]  # noqa: E731
-        sel = lambda xs: [xs[i] for i in idx_list] if xs else []  # noqa: E731
-        return RolloutBatch(self.input_ids[idx][:, :T], self.targets[idx][:, :T], m[:, :T],
-                            self.sampler_logp[idx][:, :T], self.lengths[idx], self.finished[idx], self.group_size,
-                            pick(self.rewards), pick(self.advantages), cut(self.old_logp), cut(self.ref_logp),
-                            {k: v[idx.to(v.device)] for k, v in self.reward_parts.items()}, sel(self.texts),
-                            sel(self.prompts), sel(self.items), sel(self.prompt_ids),
-                            {k: cut(v) for k, v in self.cov_selected.items()})
+        take = {"token": lambda x: x[idx.to(x.device)][:, :T], "row": lambda x: x[idx.to(x.device)],
+                "list": lambda xs: [xs[i] for i in idx_list] if xs else []}
+        out = {}
+        for f in fields(self):
+            kind, v = f.metadata.get("per"), getattr(self, f.name)
+            if kind is None or v is None:
+                out[f.name] = v
+            elif kind.endswith("_dict"):
+                out[f.name] = {k: take[kind.removesuffix("_dict")](x) for k, x in v.items()}
+            else:
+                out[f.name] = take[kind](v)
+        return RolloutBatch(**out)
+
+
+def concat(batches: list[RolloutBatch]) -> RolloutBatch:
+    """Stack rollout batches row-wise (sequences padded to the longest; advantages, log-probs and token
+    selections, which come after this, are not carried)."""
+    T = max(b.input_ids.shape[1] for b in batches)
+    pad_value = {"input_ids": 0, "targets": -1, "mask": False, "sampler_logp": 0.0}
+
+    def cat(name, kind, xs):
+        if kind == "list":
+            return [x for b in xs for x in b]
+        if kind == "token":
+            return torch.cat([torch.nn.functional.pad(x, (0, T - x.shape[1]), value=pad_value[name]) for x in xs])
+        return torch.cat(xs)
+
+    out = {"group_size": batches[0].group_size}
+    for f in fields(RolloutBatch):
+        kind = f.metadata.get("per")
+        if kind is None or f.name in ("advantages", "old_logp", "ref_logp", "cov_selected"):
+            continue
+        vals = [getattr(b, f.name) for b in batches]
+        if kind == "row_dict":
+            out[f.name] = {k: torch.cat([v[k] for v in vals]) for k in vals[0]}
+        elif all(v is not None for v in vals):
+            out[f.name] = cat(f.name, kind, vals)
+    return RolloutBatch(**out)
 
 
 ROW_TAIL = 2  # columns kept past a row's last target position: its own and the token it predicts
@@ -263,7 +298,9 @@ def micro_loss(model, b: RolloutBatch, lc: LossConfig, n_tokens: float, n_seqs: 
     return terms["loss"], logged, lp.detach()
 
 
-COV_LOSSES = ("clip_cov", "kl_cov")
+def selecting_losses() -> list[str]:
+    """The policy losses that take a token selection from cov_select (Clip-Cov, KL-Cov)."""
+    return [name for name, pl in POLICY_LOSSES.items() if pl.selects]
 
 
 @torch.no_grad()
@@ -286,6 +323,56 @@ def select_cov_tokens(batch: RolloutBatch, rows: list[int], lc: LossConfig, name
         full[idx, : chosen.shape[1]] = chosen
 
 
+class StepMetrics:
+    """What one step's update logs, accumulated over micro-batches on the device as METRICS says (no host sync
+    until `result`): losses summed, token means weighted by each micro-batch's completion tokens, max / min."""
+
+    def __init__(self):
+        self.acc: dict[str, torch.Tensor] = {}
+        self.tokens = 0  # completion tokens seen (a tensor after the first micro-batch)
+        self.updates = 0
+
+    def add(self, logged: dict):
+        """One micro-batch's logged values (micro_loss's dict, with its n_tokens)."""
+        w = logged.pop("n_tokens")
+        for k, v in logged.items():
+            kind = combine_kind(k)
+            if k not in self.acc:
+                self.acc[k] = v if kind in ("loss", "token_sum", "max", "min") else v * w
+            elif kind == "max":
+                self.acc[k] = torch.maximum(self.acc[k], v)
+            elif kind == "min":
+                self.acc[k] = torch.minimum(self.acc[k], v)
+            else:
+                self.acc[k] = self.acc[k] + (v if kind in ("loss", "token_sum") else v * w)
+        self.tokens = self.tokens + w
+
+    def add_update(self, grad_norm: torch.Tensor):
+        self.acc["grad_norm"] = self.acc.get("grad_norm", 0.0) + grad_norm.detach().double()
+        self.updates += 1
+
+    def result(self) -> dict:
+        """The step's values as Python numbers (one host sync)."""
+        acc = self.acc
+        values = dict(zip(acc, torch.stack([v.double().to(self.tokens.device) for v in acc.values()]).tolist())) \
+            if acc else {}
+        n_tokens = int(self.tokens)
+        out = {}
+        for k, v in values.items():
+            kind = combine_kind(k)
+            if kind in ("loss", "global"):
+                out[k] = v / self.updates
+            elif kind == "token_sum":
+                out[k.removesuffix("_sum")] = v / max(n_tokens, 1)
+            elif kind in ("max", "min"):
+                out[k] = v
+            else:
+                out[k] = v / max(n_tokens, 1)
+        out["optimizer_steps"] = self.updates
+        out["update_tokens"] = n_tokens
+        return out
+
+
 def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, *, mini_batch_rows: int, micro_batch: int,
                   epochs: int = 1, grad_clip: float = 1.0, clip_fn=None, on_first_forward=None, diag=None,
                   amp=None, seed: int = 0) -> dict:
@@ -305,16 +392,14 @@ def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, *, mini
     clip_fn = clip_fn or torch.nn.utils.clip_grad_norm_
     amp = amp if amp is not None else contextlib.nullcontext()
     N = batch.input_ids.shape[0]
-    acc: dict[str, torch.Tensor] = {}
-    n_updates = 0
-    weights = 0  # completion tokens seen (a tensor after the first micro-batch)
+    sums = StepMetrics()
     for epoch in range(epochs):
         for start in range(0, N, mini_batch_rows):
             rows = list(range(start, min(start + mini_batch_rows, N)))
-            cov_names = COV_LOSSES if diag is not None else [n for n in COV_LOSSES if n == lc.policy_loss]
+            cov_names = [n for n in selecting_losses() if diag is not None or n == lc.policy_loss]
             if cov_names and epoch == 0:  # chosen before the mini-batch's first update, kept for its epochs
                 select_cov_tokens(batch, rows, lc, cov_names, seed=seed + start)
-            n_tok = dist.sum_over_ranks(batch.mask[rows].sum())
+            n_tok = dist.sum_over_ranks(batch.mask[rows].sum())  # the loss's normalisers: the whole mini-batch
             n_seq = dist.sum_over_ranks(len(rows))
             optimizer.zero_grad(set_to_none=True)
             for s in range(0, len(rows), micro_batch):
@@ -325,39 +410,12 @@ def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, *, mini
                 loss.backward()
                 if epoch == 0 and on_first_forward is not None:
                     on_first_forward(mrows, b, lp)
-                w = logged.pop("n_tokens")
-                for k, v in logged.items():
-                    kind = combine_kind(k)
-                    if k not in acc:
-                        acc[k] = v if kind in ("loss", "token_sum", "max", "min") else v * w
-                    elif kind == "max":
-                        acc[k] = torch.maximum(acc[k], v)
-                    elif kind == "min":
-                        acc[k] = torch.minimum(acc[k], v)
-                    else:
-                        acc[k] = acc[k] + (v if kind in ("loss", "token_sum") else v * w)
-                weights = weights + w
+                sums.add(logged)
             if diag is not None and diag.grad_split:  # extra passes; the accumulated .grad is put back
                 diag.split(model, batch, rows, micro_batch=micro_batch, n_tokens=n_tok, n_seqs=n_seq, amp=amp)
-            gn = clip_fn(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-            acc["grad_norm"] = acc.get("grad_norm", 0.0) + gn.detach().double()
+            sums.add_update(clip_fn(model.parameters(), grad_clip if grad_clip > 0 else float("inf")))
             optimizer.step()
-            n_updates += 1
-    values = dict(zip(acc, torch.stack([v.double().to(weights.device) for v in acc.values()]).tolist())) if acc else {}
-    n_tokens = int(weights)
-    out = {}
-    for k, v in values.items():
-        kind = combine_kind(k)
-        if kind in ("loss", "global"):
-            out[k] = v / n_updates
-        elif kind == "token_sum":
-            out[k.removesuffix("_sum")] = v / max(n_tokens, 1)
-        elif kind in ("max", "min"):
-            out[k] = v
-        else:
-            out[k] = v / max(n_tokens, 1)
-    out["optimizer_steps"] = n_updates
-    out["update_tokens"] = n_tokens
+    out = sums.result()
     if diag is not None:
-        out.update(diag.result(n_updates))
+        out.update(diag.result(sums.updates))
     return out

@@ -106,6 +106,7 @@ class LocalBackend(Backend):
         self.name = name or (f"local:{Path(model_dir).name}" if model_dir is not None else "local")
 
     def complete(self, messages_batch, *, temperature=0.7, top_p=0.9, max_tokens=512, seeds=None):
+        from psyche.config import SamplingParams
         from psyche.engine import GenRequest
 
         tok, max_len = self.engine.tok, self.engine.max_len
@@ -117,8 +118,8 @@ class LocalBackend(Backend):
             if len(ids) >= max_len:
                 out[i] = Failure(f"prompt too long: {len(ids)} tokens, context {max_len}")
                 continue
-            reqs.append((i, GenRequest(ids, min(max_tokens, max_len - len(ids)), temperature=temperature,
-                                       top_p=top_p, top_k=self.top_k, min_p=self.min_p, seed=seed)))
+            sampling = SamplingParams(temperature, top_p, self.top_k, self.min_p)
+            reqs.append((i, GenRequest(ids, min(max_tokens, max_len - len(ids)), sampling=sampling, seed=seed)))
         for k in range(0, len(reqs), self.batch_size):
             chunk = reqs[k:k + self.batch_size]
             self.engine.run([r for _, r in chunk])

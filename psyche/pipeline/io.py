@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -236,15 +235,3 @@ def run_step(step: str, records: list[tuple[dict, str]], journal: Journal, proce
     finally:
         bar.close()
     return summary
-
-
-def write_jsonl(path: str | Path, records) -> Path:
-    """Write records as JSONL atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path

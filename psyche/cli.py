@@ -89,6 +89,7 @@ COMMANDS = {
     "replay": "psyche.analysis:replay_cmd",
     "task-eval": "psyche.recipe:task_eval_cmd",
     "variants": "psyche.cli:variants",
+    "lab": "psyche.lab:lab_cmd",
 }
 
 

@@ -375,6 +375,8 @@ class GRPOSection:
     overlong_buffer: int = 0  # penalty: the soft zone before max_new_tokens
     overlong_penalty: float = 1.0
     dynamic_sampling: bool = False  # drop zero-std groups and refill from new prompts
+    shuffle_rewards: bool = False  # a negative control: rewards permuted within each step's batch before the
+    #                                advantages (accuracy is still logged as scored)
     max_refill: int = 4  # refill rounds per step before giving up (and keeping zero-std groups)
     old_logprobs: str = choices("recompute", "recompute", "sampler")  # π_old: recomputed by the trainer, or
     #                                                                   the sampler's own log-probs

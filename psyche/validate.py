@@ -85,11 +85,14 @@ def check_data(cfg: RunConfig):
     _at_least("data.max_length", cfg.data.max_length, 2)
 
 
-def check_optim(o, prefix: str = "optim"):
+def check_optim(o, prefix: str = "optim", allow_zero_lr: bool = False):
     """AdamW and the schedule (torch would refuse some of these only when the optimizer is built, with a
-    message that names no key)."""
+    message that names no key). allow_zero_lr: GRPO's lr may be 0, a negative control (nothing learns)."""
     _finite(f"{prefix}.lr", o.lr)
-    _need(o.lr > 0, f"{prefix}.lr", o.lr, "the learning rate must be > 0")
+    if allow_zero_lr:
+        _need(o.lr >= 0, f"{prefix}.lr", o.lr, "the learning rate must be >= 0 (0: a negative control)")
+    else:
+        _need(o.lr > 0, f"{prefix}.lr", o.lr, "the learning rate must be > 0")
     _need(len(o.betas) == 2, f"{prefix}.betas", o.betas, "AdamW takes two betas, e.g. [0.9, 0.999]")
     for i, b in enumerate(o.betas):
         _fraction(f"{prefix}.betas[{i}]", b, hi_open=True)
@@ -161,7 +164,7 @@ def check_grpo_section(cfg: RunConfig):
     _need(not bad, "grpo.replay_steps", g.replay_steps, "steps count from 1")
     _policy_loss(g)
     _rewards(g)
-    check_optim(g.optim, "grpo.optim")
+    check_optim(g.optim, "grpo.optim", allow_zero_lr=True)
 
 
 def _variants(g):

@@ -154,7 +154,8 @@ CASES = [
          "grpo.max_prompt_length=512 + grpo.max_new_tokens=4000 = 4512: longer than", True),
     Case("prompts per step vs mini-batch", grpo("grpo.prompts_per_step=6"),
          "grpo.prompts_per_step=6, grpo.mini_batch=4: prompts_per_step must be a multiple of mini_batch", True),
-    Case("GRPO optimizer lr 0", grpo("grpo.optim.lr=0"), "grpo.optim.lr=0.0: the learning rate must be > 0", True),
+    Case("GRPO optimizer lr below 0", grpo("grpo.optim.lr=-1e-4"), "grpo.optim.lr=-0.0001: the learning rate must be "
+         ">= 0", True),
     Case("missing prompt file", grpo('grpo.paths=["{d}/missing.jsonl"]'), "grpo.paths[0] = '{d}/missing.jsonl'", True),
     Case("prompt without an answer", grpo('grpo.paths=["{d}/no_answer.jsonl"]'),
          "{d}/no_answer.jsonl:1: missing or empty 'answer'"),

@@ -15,7 +15,6 @@ Switches (grpo section) and what each costs on top of a normal step:
     kl_bias/k*, kl_abs_err/k*     estimates k1, k2, k3 of the sampled token: one no-grad forward of the policy
                                   and of the reference plus a V-wide log-softmax at each completion position
                                   (what `exact_kl` costs; it replaces that computation). Needs a reference.
-    RUN_DIR/pass_rates.jsonl      per prompt, the fraction of its group with accuracy reward 1: free.
   grad_split = true
     grad_norm/<part>              the gradient of the loss split by term (policy, kl, entropy) and by advantage
     grad_split_residual           sign (adv_pos, adv_neg, adv_zero); each split sums to the total gradient. One
@@ -23,6 +22,8 @@ Switches (grpo section) and what each costs on top of a normal step:
                                   up to 7x the update's compute (parts that are zero by the config are skipped);
                                   memory: two extra gradient-sized buffers. Also logs the free in-update values
                                   above (loss/<mode>, entropy/...).
+  (always, with an accuracy reward)
+    RUN_DIR/pass_rates.jsonl      per prompt, the fraction of its group with accuracy reward 1: free.
   replay_steps = [k, ...] / replay_every = N
     RUN_DIR/replay/step_XXXX/     the step's rollout batch, loss settings and a checkpoint (model, optimizer,
                                   scheduler, RNG) taken before the update; `psyche replay` recomputes it.

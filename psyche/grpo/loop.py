@@ -327,9 +327,10 @@ def reset_reference(policy, ref):
 
 
 def write_step_files(run_dir: Path, gc, step: int, b: RolloutBatch, metrics: dict | None, dumped: Path | None):
-    """The step's files beside metrics.jsonl: pass_rates.jsonl (diagnostics), the replay dump's logged
-    metrics, and rollouts.jsonl (every dump_every steps and at step 1). Call on every rank."""
-    if gc.diagnostics:
+    """The step's files beside metrics.jsonl: pass_rates.jsonl (each prompt's pass rate, when an accuracy reward
+    is among the rewards), the replay dump's logged metrics, and rollouts.jsonl (every dump_every steps and at
+    step 1). Call on every rank."""
+    if "accuracy" in b.reward_parts:
         record_pass_rates(run_dir, step, b)
     if dumped is not None:
         save_logged(dumped, metrics)
@@ -406,6 +407,10 @@ def run_grpo(cfg: RunConfig) -> Path:
         clock.lap("rollout")
         b.rewards = shape_rewards(b.rewards, b, truncation=gc.truncation, max_new_tokens=gc.max_new_tokens,
                                   overlong_buffer=gc.overlong_buffer, overlong_penalty=gc.overlong_penalty)
+        if gc.shuffle_rewards:  # negative control: each completion learns from another's reward
+            perm = torch.randperm(len(b.rewards), generator=torch.Generator().manual_seed(cfg.run.seed * SEED_MULT
+                                                                                          + step * STEP_MULT + rank))
+            b.rewards = b.rewards[perm.to(b.rewards.device)]
         with run.amp:  # reference and old log-probs
             metrics, t_ref = score_rollouts(policy, ref, b, gc, n_updates=n_updates, device=device)
         clock.lap("reference", t_ref)

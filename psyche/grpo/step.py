@@ -236,6 +236,7 @@ def rollout_stats(rewards, advantages, lengths, finished, reward_parts: dict, gr
         "adv_min": float(a.min()), "adv_max": float(a.max()),
         "response_length_mean": float(lengths.float().mean()),
         "response_length_max": int(lengths.max()),
+        "length_cv_in_group": float(_group_cv(lengths.float().view(-1, G))),
         "truncation_rate": float((~finished).float().mean()),
     }
     for name, v in reward_parts.items():
@@ -243,8 +244,41 @@ def rollout_stats(rewards, advantages, lengths, finished, reward_parts: dict, gr
     if "format" in reward_parts:
         st["format_rate"] = float(reward_parts["format"].mean())
     if "accuracy" in reward_parts:
-        st["accuracy"] = float(reward_parts["accuracy"].mean())
+        acc = reward_parts["accuracy"]
+        st["accuracy"] = float(acc.mean())
+        st.update(length_by_outcome(lengths, acc >= 1))
+        st.update(pass_rate_stats(acc.view(-1, G).float().mean(1)))
     return st
+
+
+def _group_cv(L):
+    """Mean over groups of std/mean of the completion lengths (G, ...) within the group (0 for a group of one)."""
+    if L.shape[1] < 2:
+        return torch.zeros(())
+    return (L.std(dim=1) / L.mean(dim=1).clamp(min=1)).mean()
+
+
+def length_by_outcome(lengths, correct) -> dict:
+    """Mean completion length of the correct and of the incorrect completions (a key is left out when no
+    completion has that outcome)."""
+    L, out = lengths.float(), {}
+    for name, sel in (("length_correct_mean", correct), ("length_incorrect_mean", ~correct)):
+        if sel.any():
+            out[name] = float(L[sel].mean())
+    return out
+
+
+PASS_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def pass_rate_stats(p) -> dict:
+    """The distribution of per-prompt pass rates p (P,) (the share of a prompt's group with accuracy 1): mean,
+    quantiles (pass_rate_p10 ... p90, linear interpolation), and the share of prompts all wrong / all right."""
+    p = p.double()
+    q = torch.quantile(p, torch.tensor(PASS_QUANTILES, dtype=torch.float64))
+    return {"pass_rate_mean": float(p.mean()), **{f"pass_rate_p{round(k * 100)}": float(v)
+                                                  for k, v in zip(PASS_QUANTILES, q)},
+            "pass_all_wrong_frac": float((p == 0).double().mean()), "pass_all_right_frac": float((p == 1).double().mean())}
 
 
 # ---- how each logged value combines ----

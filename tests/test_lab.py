@@ -1,0 +1,105 @@
+"""The GRPO lab: its teachers, its bench, the new rollout metrics, and a reduced ablation end to end."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from psyche.lab import (CONFUSIONS, STYLES, BenchSize, LabTeacher, can_fail, confusable, misread, parse_knob,
+                        parse_seeds, verdict, write_rationale)
+from psyche.task import explain, make_splits
+
+
+def test_the_teachers_misread_style_and_answer_consistently():
+    train, _ = make_splits(seed=0, n_train=400, n_test=40)
+    t, rng = LabTeacher(), random.Random(0)
+    lengths, styles = [], set()
+    for it in train[:200]:
+        text, answer = t.write(it, rng)
+        think, _, after = text.removeprefix("<think>").partition("</think>")
+        assert after == answer  # the answer is the letters the rationale reached
+        styles.add("check" if "复核" in think else "options" if "\nA." in think else "brief")
+        lengths.append(len(text))
+    assert styles == set(STYLES)
+    mean = sum(lengths) / len(lengths)
+    assert (sum((x - mean) ** 2 for x in lengths) / len(lengths)) ** 0.5 / mean > 0.2  # length is the style's
+    # a misreading applies to the facts it names and nothing else; can_fail says whether one changes the answer
+    for it in train[:200]:
+        idx = confusable(it)
+        assert misread(it, []) == explain.__globals__["case_of"](it).scores
+        if not idx:
+            assert not can_fail(it)
+        flips = any(explain(it, misread(it, [i]))[1] != it.answer for i in idx)
+        assert can_fail(it) >= flips
+    # every confusion is a real change of one score
+    assert all(true != wrong and 0 < p < 1 for _, true, wrong, p in CONFUSIONS)
+
+
+def test_write_rationale_takes_each_verb_in_its_clause():
+    train, _ = make_splits(seed=1, n_train=40, n_test=8)
+    it = train[0]
+    text, _ = write_rationale(it, explain.__globals__["case_of"](it).scores, "brief", ("计", "记", "评"))
+    assert "病程" in text and "，计" in text and "，记" in text and text.count("\n") == 0
+
+
+def test_rollout_stats_log_length_by_outcome_pass_rates_and_group_length_spread():
+    from psyche.grpo.step import rollout_stats
+
+    acc = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0])  # groups of 4: pass rates 0.25, 1, 0
+    lengths = torch.tensor([10, 20, 30, 40, 5, 5, 5, 5, 8, 12, 8, 12])
+    st = rollout_stats(acc, torch.zeros(12), lengths, torch.ones(12, dtype=torch.bool), {"accuracy": acc}, 4)
+    assert st["length_correct_mean"] == pytest.approx((10 + 5 * 4) / 5)
+    assert st["length_incorrect_mean"] == pytest.approx((20 + 30 + 40 + 8 + 12 + 8 + 12) / 7)
+    assert st["pass_rate_mean"] == pytest.approx((0.25 + 1 + 0) / 3)
+    assert st["pass_rate_p50"] == pytest.approx(0.25)
+    assert st["pass_all_wrong_frac"] == pytest.approx(1 / 3) and st["pass_all_right_frac"] == pytest.approx(1 / 3)
+    cv = [torch.tensor([10., 20, 30, 40]), torch.tensor([5., 5, 5, 5]), torch.tensor([8., 12, 8, 12])]
+    assert st["length_cv_in_group"] == pytest.approx(float(sum(x.std() / x.mean() for x in cv) / 3), rel=1e-6)
+    none_right = rollout_stats(acc * 0, torch.zeros(12), lengths, torch.ones(12, dtype=torch.bool),
+                               {"accuracy": acc * 0}, 4)
+    assert "length_correct_mean" not in none_right and none_right["pass_all_wrong_frac"] == 1.0
+
+
+def test_knobs_seeds_and_verdicts_parse():
+    assert parse_knob("grpo.clip_high=0.2,0.28") == (["grpo.clip_high"], [["0.2"], ["0.28"]])
+    assert parse_knob("grpo.advantage+grpo.loss_agg=grpo+seq-mean-token-mean,dr_grpo+seq-mean-token-sum-norm")[1] == \
+        [["grpo", "seq-mean-token-mean"], ["dr_grpo", "seq-mean-token-sum-norm"]]
+    with pytest.raises(ValueError, match="one part per key"):
+        parse_knob("a+b=1,2+3")
+    assert parse_seeds("0-2,5") == [0, 1, 2, 5]
+    assert verdict("x", [0.1, 0.2, 0.3, -0.1, 0.2]).startswith("x: higher on 4/5")
+    assert verdict("x", [0.1, -0.2, 0.3]).startswith("x: no consistent difference")
+    assert verdict("x", [-1.0, -2.0, -3.0]).startswith("x: lower on 3/3")
+
+
+def test_a_reduced_ablation_writes_a_well_formed_report_and_resumes(tmp_path, monkeypatch):
+    """Two values x two seeds on a tiny bench (short SFT, two GRPO steps): the report's table has every end point
+    with its spread and the paired differences, a verdict per metric, and the curves' plot; rerun, no cell
+    is run again."""
+    import psyche.lab as lab
+
+    size = BenchSize(n_train=240, n_test=8, sft_steps=4)
+    extra = ("grpo.steps=2", "grpo.prompts_per_step=4", "grpo.mini_batch=2", "grpo.exact_kl_rows=4",
+             "grpo.max_new_tokens=48")
+    rep = lab.run_ablation("grpo.clip_high=0.2,0.28", [0, 1], tmp_path, extra=extra, size=size, log=lambda m: None)
+    d = tmp_path / "clip_high"
+    md = (d / "report.md").read_text()
+    assert rep["labels"] == ["0.2", "0.28"] and set(rep["table"]["0.28"]) == set(lab.POINTS)
+    for k in lab.POINTS:
+        assert f"| {k} |" in md
+        assert len(rep["paired_vs_first"]["0.28"][k]) == 2
+    assert len(rep["verdicts"]["0.28"]) == len(lab.POINTS) and "Verdicts:" in md
+    assert (d / "plots" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((d / "report.json").read_text())["seeds"] == [0, 1]
+    cell = json.loads(next((tmp_path / "cells").glob("*/s0/cell.json")).read_text())
+    assert "train.py --stage grpo --config configs/lab-grpo.toml" in cell["command"]
+
+    def fail(*a, **k):
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(lab.subprocess, "run", fail)
+    lab.run_ablation("grpo.clip_high=0.2,0.28", [0, 1], tmp_path, extra=extra, size=size, log=lambda m: None)
+    assert (d / "report.md").read_text() == md
+    assert Path(tmp_path / "bench" / "s1" / "sft" / "hf" / "config.json").is_file()

@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
-# The GPU session's checks, in order of value, each under its own time budget:
+# The GPU session's checks, most valuable figures first, each printing as it goes, under one time budget:
 #
 #   bash bench/gpu_check.sh [OUT_DIR]          # from anywhere; OUT_DIR defaults to ./gpu-out
 #
-# 1. the GPU tests (tests/test_gpu.py, -m gpu)        6. bench/sampler.py at Qwen2.5-0.5B's shapes, batch 1
-# 2. tests/test_kernels.py (compiled kernels, CUDA)      (bandwidth) and batch 64 x 512 new tokens (vs transformers)
-# 3. bench/triton_kernels.py (with torch.compile)     7. bench/grpo_step.py (bf16; eager vs compiled sampler)
-# 4. bench/logprobs.py (peak memory; 1 round)         8. bench/sft_mfu.py (SFT MFU at Qwen2.5-1.5B's shapes)
-# 5. bench/sft.py --parts step                        9. bench/logprobs.py at 7B's hidden size, if time is left
-#                                                    10. the same with SFT's loss: Triton vs the uniform-gradient path
+# 1. bench/sampler.py, Qwen2.5-0.5B's shapes, batch 1: eager and graph paths vs transformers, capture time per shape
+# 2. the same at batch 64 x 256 new tokens (graph vs transformers)
+# 3. bench/sampler.py, Qwen2.5-7B's shapes, batch 1, graph path only: the decode step against the HBM bound
+# 4. bench/grpo_step.py at the 0.5B shape, bf16: a GRPO step split into rollout, log-probs and update
+# 5. bench/sft_mfu.py: SFT MFU at Qwen2.5-1.5B's shapes
+# 6. bench/logprobs.py at 7B's shape: the fused kernel vs compiled naive, time and peak memory
+# 7. the GPU tests without compiling (tests/test_gpu.py -m "gpu and not compile"), then the kernel tests
+# 8. if time is left: the compile-heavy GPU tests and the compiled sampler path
 #
 # Each step runs under `timeout` (its process group is killed when its budget is spent), its output goes to
 # OUT_DIR/<step>.log, and the next step runs whatever happened. OUT_DIR/summary.tsv has one line per step:
 # name, exit status (124 = ran out of time), seconds, budget, command. The budgets sum to GPU_CHECK_TOTAL
-# (default 560 s, counted after the environment report, OUT_DIR/environment.log); a step never gets more than
-# what is left of it, so steps 9-10 run only if the others finish early. The GPU tests append the errors and
-# peaks they measured to OUT_DIR/gpu_measurements.jsonl (passing tests too) and write OUT_DIR/gpu-tests.xml.
+# (default 360 s, counted after the environment report, OUT_DIR/environment.log); a step never gets more than
+# what is left of it. The GPU tests append the errors and peaks they measured to OUT_DIR/gpu_measurements.jsonl
+# (passing tests too) and write OUT_DIR/gpu-tests.xml.
 # Nothing here installs packages or uses the network; the package is imported from this checkout (PYTHONPATH).
-# Not run: bench/sft.py's fsdp part (it launches 2 ranks, one GPU per rank) and its packing part (CPU only).
 
 set -u
 
@@ -32,7 +33,7 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/psyche-triton-cache}
 export PSYCHE_GPU_REPORT=$OUT/gpu_measurements.jsonl
 unset PSYCHE_KERNELS PSYCHE_TEST_DEVICE TRITON_INTERPRET
 PY=${PYTHON:-python}
-TOTAL=${GPU_CHECK_TOTAL:-560}
+TOTAL=${GPU_CHECK_TOTAL:-360}
 SUMMARY=$OUT/summary.tsv
 rm -f "$PSYCHE_GPU_REPORT" "$OUT/gpu-tests.xml"
 printf 'step\texit\tseconds\tbudget\tcommand\n' > "$SUMMARY"
@@ -92,23 +93,20 @@ if "$PY" -c "import pytest_timeout" 2> /dev/null; then
     TIMEOUT_OPT=(--timeout=90)  # per test: a hung test fails alone instead of eating the step's budget
 fi
 
-# ---- the checks, most valuable first (budgets: 150 + 50 + 70 + 30 + 90 + 75 + 120 + 60 + 90 + 60 + 60 = 855 s,
-# cut to what is left of the total; on one H200 the first five took 85, 33, 38, 21 and ~50 s: bench/sft.py's
-# step part needs more than 40 s, its two fresh processes included; steps 6-8 and 10 have not run on a GPU) ----
-step gpu-tests 150 "$PY" -m pytest -m gpu -q -rfEs --durations=25 ${TIMEOUT_OPT[@]+"${TIMEOUT_OPT[@]}"} \
-    --junitxml="$OUT/gpu-tests.xml" tests/test_gpu.py
-# the AOT-compile test is left out: the GPU compiles every kernel for real here
-step test-kernels 50 "$PY" -m pytest -q -rfEs ${TIMEOUT_OPT[@]+"${TIMEOUT_OPT[@]}"} tests/test_kernels.py \
+# ---- the checks, most valuable first (budgets: 45 + 50 + 45 + 40 + 40 + 30 + 90 + 60 + 60 = 460 s, cut to what is
+# left of the total: the last steps run only when the first ones finish early) ----
+step sampler-0.5b-b1 45 "$PY" bench/sampler.py --config 0.5b --batch 1 --new-tokens 256 --repeats 2 --paths eager,graph
+step sampler-0.5b-b64 50 "$PY" bench/sampler.py --config 0.5b --batch 64 --new-tokens 256 --repeats 1 --paths graph
+step sampler-7b-b1 45 "$PY" bench/sampler.py --config 7b --batch 1 --new-tokens 128 --repeats 2 --paths graph --no-hf
+step grpo-step 40 "$PY" bench/grpo_step.py --set model.dtype=bfloat16 --set 'model.init="preset:qwen2.5-0.5b"'
+step sft-mfu 40 "$PY" bench/sft_mfu.py
+step logprobs-7b 30 "$PY" bench/logprobs.py --repeat 1 --tokens 8192 --hidden 3584 --vocab 152064
+step gpu-tests 90 "$PY" -m pytest -m "gpu and not compile" -q -rfEs --durations=15 \
+    ${TIMEOUT_OPT[@]+"${TIMEOUT_OPT[@]}"} --junitxml="$OUT/gpu-tests.xml" tests/test_gpu.py
+step test-kernels 60 "$PY" -m pytest -q -rfEs ${TIMEOUT_OPT[@]+"${TIMEOUT_OPT[@]}"} tests/test_kernels.py \
     -k "not compile_for_a_gpu"
-step bench-kernels 70 "$PY" bench/triton_kernels.py
-step bench-logprobs 30 "$PY" bench/logprobs.py --repeat 1
-step bench-sft-step 90 "$PY" bench/sft.py --parts step
-step bench-sampler-b1 75 "$PY" bench/sampler.py --config 0.5b --batch 1 --new-tokens 256
-step bench-sampler-b64 120 "$PY" bench/sampler.py --config 0.5b --batch 64 --new-tokens 512 --repeats 1
-step bench-grpo-step 60 "$PY" bench/grpo_step.py --set model.dtype=bfloat16
-step bench-sft-mfu 90 "$PY" bench/sft_mfu.py
-step bench-logprobs-7b 60 "$PY" bench/logprobs.py --repeat 1 --tokens 8192 --hidden 3584
-step bench-logprobs-sft 60 "$PY" bench/logprobs.py --sft --repeat 1 --tokens 8192 --hidden 3584 --vocab 152064
+step gpu-compile-tests 60 "$PY" -m pytest -m "gpu and compile" -q -rfEs ${TIMEOUT_OPT[@]+"${TIMEOUT_OPT[@]}"} \
+    tests/test_gpu.py
 
 echo "=== summary ($(($(date +%s) - START))s of ${TOTAL}s)"
 column -t -s $'\t' "$SUMMARY" 2> /dev/null || cat "$SUMMARY"

@@ -268,13 +268,32 @@ def export_hf(model: nn.Module, path: str | Path, tokenizer=None, dtype: torch.d
     Call on every rank."""
     from psyche.weights import save_pretrained
 
+    from psyche.lora import has_lora, merged_state_dict
+
     sd = full_model_state(model)
     if dist.is_main():
+        if has_lora(model):  # a plain checkpoint: the adapters folded into the weights
+            sd = merged_state_dict(sd, model)
         if dtype is not None:
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
         try:
             save_pretrained(model, path, max_shard_size=max_shard_size, tokenizer=tokenizer, state_dict=sd)
         except OSError as e:  # written atomically: a previous export at `path` is still whole
             raise CheckpointError(f"{path}: writing the exported model failed ({_os_reason(e)})") from e
+    dist.barrier()
+    return Path(path)
+
+
+def export_adapter(model: nn.Module, path: str | Path, lora, base: str) -> Path:
+    """A LoRA run's adapters alone (adapter_model.safetensors + adapter_config.json, as PEFT writes them),
+    gathered to rank 0 and written atomically. Call on every rank."""
+    from psyche.lora import adapter_config, save_adapter, settings
+
+    sd = full_model_state(model)
+    if dist.is_main():
+        try:
+            save_adapter(path, sd, adapter_config(**settings(lora), base=base))
+        except OSError as e:
+            raise CheckpointError(f"{path}: writing the adapters failed ({_os_reason(e)})") from e
     dist.barrier()
     return Path(path)

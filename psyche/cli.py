@@ -24,7 +24,7 @@ DEBUG_ENV = "PSYCHE_DEBUG"
 # The errors that are the input's fault or the environment's, not the code's, by module.
 USER_ERRORS = (("psyche.config", "ConfigError"), ("psyche.data", "DataError"),
                ("psyche.hf_checkpoint", "CheckpointError"), ("psyche.tokenizer", "TokenizerError"),
-               ("psyche.run", "NonFiniteLossError"),
+               ("psyche.run", "NonFiniteLossError"), ("psyche.lora", "LoRAError"),
                ("psyche.rewards", "RewardError"), ("psyche.pceb", "BenchmarkError"),
                ("psyche.pipeline.io", "PipelineError"))
 

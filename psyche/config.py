@@ -424,6 +424,21 @@ class RecipeSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA (psyche/lora.py): rank > 0 trains low-rank adapters on the `targets` layers only, in SFT and GRPO
+    alike; the base weights stay frozen, GRPO's reference is the policy with its adapters off, and a run exports
+    its adapters (RUN_DIR/adapter, PEFT's format) beside the merged model (RUN_DIR/hf)."""
+
+    rank: int = 0  # 0: off (full fine-tuning)
+    alpha: float = 16.0  # scaling alpha / rank (rslora: alpha / sqrt(rank))
+    dropout: float = 0.0
+    rslora: bool = False
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])
+    init: str = ""  # an adapter directory (PEFT format) to start from; "": fresh adapters (B = 0)
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -433,6 +448,7 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     recipe: RecipeSection = field(default_factory=RecipeSection)
 
 

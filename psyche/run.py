@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 
 from psyche import dist
-from psyche.checkpoint import (export_hf, fault, latest_checkpoint, load_checkpoint, load_full_model_state,
-                               read_safetensors_dir, save_checkpoint)
+from psyche.checkpoint import (export_adapter, export_hf, fault, latest_checkpoint, load_checkpoint,
+                               load_full_model_state, read_safetensors_dir, save_checkpoint)
 from psyche.config import ConfigError, ModelConfig, config_diff, load_run_config, to_toml
 from psyche.metrics import MetricsLogger, step_line
 
@@ -57,20 +57,32 @@ def prepare_init(init: str, run_dir: Path, seed: int, texts=None) -> Path:
 
 
 def build_model_for_training(init_dir: Path, device: torch.device, *, compute_dtype=torch.float32,
-                             activation_checkpointing=False, compile=False) -> nn.Module:
-    """fp32 master weights from `init_dir`, parallelized (psyche.dist.parallelize), on `device`.
+                             activation_checkpointing=False, compile=False, lora=None, seed: int = 0) -> nn.Module:
+    """fp32 master weights from `init_dir`, parallelized (psyche.dist.parallelize), on `device`; with `lora` (a
+    LoraSection of rank > 0) the base frozen and adapters added (from lora.init, else fresh from `seed`).
 
     One rank: load, then AC/compile. Several ranks: build on the meta device, fully_shard, materialise only
     the local shards, and let rank 0 alone read the files and broadcast (no rank holds two full copies).
     """
+    from psyche.lora import add_lora, load_adapter_tensors, settings
+
     cfg = ModelConfig.from_dir(init_dir)
     kw = dict(activation_checkpointing=activation_checkpointing, compile=compile, param_dtype=compute_dtype,
               reduce_dtype=torch.float32)
+    use_lora = lora is not None and lora.rank > 0
+
+    def adapt(model):  # on the meta device: shapes only (the values come from rank 0)
+        if use_lora:
+            add_lora(model, **settings(lora), seed=seed)
+            if lora.init and model.lm_head.weight.device.type != "meta":
+                load_adapter_tensors(model, lora.init, lora.targets)
+
     if dist.get_world_size() == 1:
         from psyche.weights import load_pretrained
 
         model, _ = load_pretrained(init_dir, dtype=torch.float32, device=device)
         check_finite_weights(model, init_dir)
+        adapt(model)
         return dist.parallelize(model.train(), **kw)
     from psyche.hf_checkpoint import check_checkpoint
     from psyche.model import Qwen2
@@ -78,6 +90,7 @@ def build_model_for_training(init_dir: Path, device: torch.device, *, compute_dt
     check_checkpoint(cfg, init_dir)
     with torch.device("meta"):
         model = Qwen2(cfg)
+    adapt(model)  # shapes only: the values come with the base weights from rank 0
     dist.parallelize(model, **kw)
     model.to_empty(device=device)
     sd = {}
@@ -85,9 +98,26 @@ def build_model_for_training(init_dir: Path, device: torch.device, *, compute_dt
         sd = {k: v.float() for k, v in read_safetensors_dir(init_dir).items()}
         if cfg.tie_word_embeddings:
             sd.setdefault("lm_head.weight", sd["model.embed_tokens.weight"])
+        if use_lora:
+            sd.update(_adapter_values(model, lora, seed))
     load_full_model_state(model, sd)
     check_finite_weights(model, init_dir)
     return model.train()
+
+
+def _adapter_values(model: nn.Module, lora, seed: int) -> dict:
+    """The adapters' starting values for rank 0's full state dict: lora.init's tensors, else init_state."""
+    from psyche.lora import PEFT_PREFIX, init_state
+
+    values = init_state(model, seed)
+    if lora.init:
+        from safetensors.torch import load_file
+
+        from psyche.lora import ADAPTER_WEIGHTS
+
+        for k, t in load_file(str(Path(lora.init) / ADAPTER_WEIGHTS)).items():
+            values[k.removeprefix(PEFT_PREFIX)] = t.float()
+    return values
 
 
 def check_finite_weights(model: nn.Module, source: Path):
@@ -173,7 +203,8 @@ class Run:
         self.compute_dtype = resolve_dtype(cfg.model.dtype, device)
         self.model = build_model_for_training(init_dir, device, compute_dtype=self.compute_dtype,
                                               compile=cfg.model.compile,
-                                              activation_checkpointing=cfg.model.activation_checkpointing)
+                                              activation_checkpointing=cfg.model.activation_checkpointing,
+                                              lora=cfg.lora, seed=cfg.run.seed)
         self.optimizer = build_optimizer(self.model, optim_cfg)
         self.scheduler, self.warmup = build_scheduler(self.optimizer, optim_cfg, total)
         self.amp = dist.autocast(self.model, device, self.compute_dtype)
@@ -269,4 +300,7 @@ class Run:
         if self.cfg.checkpoint.export:
             out = export_hf(self.model, self.dir / "hf", tokenizer, dtype=self.model_cfg.dtype)
             dist.print0(f"exported {out}")
+            if self.cfg.lora.rank > 0:
+                out = export_adapter(self.model, self.dir / "adapter", self.cfg.lora, str(self.init_dir))
+                dist.print0(f"exported {out} (the adapters alone, PEFT's format)")
         dist.cleanup()

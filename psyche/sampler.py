@@ -20,11 +20,12 @@ streaming, cancelling, the non-finite check, shrinking the batch). The two paths
 - eager (the reference): a KVCache whose visible length grows; the host looks after every token; finished
   rows are dropped from the cache (compaction).
 - static (psyche/static_decode.py): a few fixed batch sizes over a preallocated cache seen whole, so the step
-  can be compiled (`torch.compile`, CUDA graphs on CUDA); the host looks every STOP_CHECK_EVERY tokens and
-  moves the running rows to a batch half the size once most have ended (rebucketing).
-`generate(..., path=...)` chooses: "eager", "static" (uncompiled), "compiled", or "auto" (the default: the
-environment variable PSYCHE_SAMPLER if set, else "compiled" on CUDA and "eager" on CPU, where compiling costs
-seconds per new shape).
+  can be replayed as a CUDA graph captured per shape ("graph") or compiled ("compiled"); the host looks every
+  STOP_CHECK_EVERY tokens and moves the running rows to a batch half the size once most have ended
+  (rebucketing).
+`generate(..., path=...)` chooses: "eager", "static" (plain calls), "graph", "compiled", or "auto" (the default:
+the environment variable PSYCHE_SAMPLER if set, else "graph" on CUDA and "eager" on CPU, where nothing is
+captured and the static path's fixed shapes cost more than they save).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from psyche.static_decode import decode_static
 
 # ---- generate ----
 
-PATHS = ("auto", "eager", "static", "compiled")
+PATHS = ("auto", "eager", "static", "graph", "compiled")
 
 
 def resolve_path(path: str, device: torch.device) -> str:
@@ -56,7 +57,7 @@ def resolve_path(path: str, device: torch.device) -> str:
         if path not in PATHS:
             raise ConfigError(f"PSYCHE_SAMPLER={path!r}: must be one of {', '.join(PATHS)}")
     if path == "auto":
-        return "compiled" if device.type == "cuda" else "eager"
+        return "graph" if device.type == "cuda" else "eager"
     return path
 
 
@@ -77,7 +78,7 @@ def generate(model, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 
         asked at the same looks. A row ended by a limit or by should_end is not `finished`.
     compact_below: when fewer than this fraction of the batch's rows still run, the finished ones leave it so
         they stop costing compute (eager: compacted; static: rebucketed; 0 never).
-    path: "auto" | "eager" | "static" | "compiled" (see the module docstring).
+    path: "auto" | "eager" | "static" | "graph" | "compiled" (see the module docstring).
     """
     sampling = sampling or SamplingParams(**sampling_kw)
     if sampling_kw and sampling != SamplingParams(**sampling_kw):
@@ -106,7 +107,7 @@ def _generate(model, prompts, job: Job, path: str) -> Rollout:
     small = KVCache.for_model(model, job.P, longest)
     logits = prefill(model, small, prompts)  # (P, V)
     if path != "eager":
-        return decode_static(model, small, logits, job, compiled=path == "compiled")
+        return decode_static(model, small, logits, job, path)
     N = job.N
     cache = KVCache.for_model(model, N, longest + job.max_new_tokens)
     cache.fork_from(small, job.n)

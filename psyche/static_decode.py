@@ -1,10 +1,17 @@
-"""The static decode path: `sampler.decode_step` over fixed shapes, so it can be compiled and replayed.
+"""The static decode path: `sampler.decode_step` over fixed shapes, so it can be replayed as a CUDA graph
+(the default on CUDA) or compiled.
 
 The N rows of a `generate` call (psyche/sampler.py) are padded to a batch B on a ladder of a few sizes (1, 2, 4, 8, 12, 16, 24,
 32, ...), over a StaticKVCache of S slots seen whole (S on a ladder too), with room for L new tokens and Z stop
-ids (both on ladders). Each (B, S, L, Z) is one shape of the step: `torch.compile` compiles it once (CUDA
-graphs on CUDA, which replay on the addresses they recorded), so the buffers of each shape are pooled and
-reused across calls (`Slots`). The host looks at the decode every STOP_CHECK_EVERY tokens (sampler.Decoder's
+ids (both on ladders). Each (B, S, L, Z) is one shape of the step, and its buffers are pooled and reused across
+calls (`Slots`), so a step recorded on them replays on the same addresses:
+- path "graph" (`GraphStep`): the step captured once per buffer set and sampling setting with
+  torch.cuda.CUDAGraph, after a warm-up on a side stream (Triton kernels autotune there, not during capture),
+  every graph in one shared memory pool, and dropped with the buffers it recorded. No compile: a new shape
+  costs one capture. On the CPU there is nothing to capture: the same warm-up, restore and calls run
+  eagerly, so the path's logic is tested without a GPU.
+- path "compiled": `torch.compile` of the step (fullgraph, static shapes; CUDA graphs on CUDA), one compile
+  per new shape. The host looks at the decode every STOP_CHECK_EVERY tokens (sampler.Decoder's
 check): once at most half the batch still runs, the running rows move to a batch half the size or less
 (rebucketing, never below REBUCKET_MIN rows).
 """
@@ -41,6 +48,60 @@ def ladder(n: int, start: int) -> int:
 
 # ---- pooled buffers ----
 
+GRAPH_WARMUP = 2  # decode steps run before a capture (autotuning, lazy initialisation), then undone
+
+
+class GraphStep:
+    """`decode_step` on one buffer set with one sampling setting, captured as a CUDA graph on first use and
+    replayed after (on the CPU: called). The warm-up steps before the capture write the state they advance
+    (tokens, lengths, t, ...) and KV-cache slots past every row's length; the state is restored before the
+    capture, and those slots are masked off and overwritten by the real steps."""
+
+    def __init__(self, model, slots: "Slots", params, pad_id: int):
+        self.args = (model, slots.cache, slots.state, params, pad_id)
+        self.slots, self.graph, self.captured = slots, None, False
+
+    def _capture(self):
+        s, cache = self.slots.state, self.slots.cache
+        saved = [(x, x.clone()) for x in (*s.tensors(), cache.lengths)]
+        on_cuda = cache.k.is_cuda
+        if on_cuda:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP):
+                    decode_step(*self.args)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            for _ in range(GRAPH_WARMUP):
+                decode_step(*self.args)
+        for x, copy in saved:
+            x.copy_(copy)
+        if on_cuda:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=_graph_pool()):
+                decode_step(*self.args)
+        self.captured = True
+
+    def __call__(self):
+        if not self.captured:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            decode_step(*self.args)
+
+
+_GRAPH_POOL = []
+
+
+def _graph_pool():
+    """The one memory pool every captured graph allocates from."""
+    if not _GRAPH_POOL:
+        _GRAPH_POOL.append(torch.cuda.graph_pool_handle())
+    return _GRAPH_POOL[0]
+
+
 class Slots:
     """The device state of a static decode over B rows: a StaticKVCache of S slots and a DecodeState (room for L
     new tokens, Z stop ids). Pooled by shape and reused, so a compiled step sees the same addresses call after
@@ -53,6 +114,13 @@ class Slots:
         for x in self.tensors():
             torch._dynamo.mark_static_address(x)
         self.busy = False
+        self.graphs: dict[tuple, GraphStep] = {}  # (sampling, pad id) -> the step captured on these buffers
+
+    def graph_step(self, model, params, pad_id: int) -> GraphStep:
+        key = (params, pad_id)
+        if key not in self.graphs:
+            self.graphs[key] = GraphStep(model, self, params, pad_id)
+        return self.graphs[key]
 
     def tensors(self):
         return [self.cache.k, self.cache.v, self.cache.lengths, *self.state.tensors()]
@@ -138,12 +206,19 @@ class StaticDecoder(Decoder):
 
     every = STOP_CHECK_EVERY
 
-    def __init__(self, model, slots: Slots, job: Job, compiled: bool, dims: tuple):
+    def __init__(self, model, slots: Slots, job: Job, mode: str, dims: tuple):
         super().__init__(model, slots.cache, slots.state, job)
-        self.slots, self.dims = slots, dims  # dims: (S, L, Z) of every set this decode uses
-        self.fn = _compiled(decode_step) if compiled and decode_step not in _NOT_COMPILABLE else decode_step
+        self.slots, self.dims, self.mode = slots, dims, mode  # dims: (S, L, Z) of every set this decode uses
+        compiled = mode == "compiled" and decode_step not in _NOT_COMPILABLE
+        self.fn = _compiled(decode_step) if compiled else decode_step
 
     def step(self):
+        if self.mode == "graph":
+            self.slots.graph_step(self.model, self.job.params, self.job.pad_id)()
+            return
+        self._compiled_step()
+
+    def _compiled_step(self):
         """One decode step with self.fn. torch.compile's errors come while it traces or compiles, before any op
         runs, so nothing was written yet: e.g. an attention kernel dynamo cannot trace under fullgraph, or more
         shapes than RECOMPILE_LIMIT. Then the step runs uncompiled from here on (the same numbers), with a
@@ -181,10 +256,11 @@ class StaticDecoder(Decoder):
             self.rows = self.rows[keep]
 
 
-def decode_static(model, small, logits, job: Job, compiled: bool):
+def decode_static(model, small, logits, job: Job, mode: str):
     """The static path of `generate` after the prefill (small: the prompts' cache, logits (P, V) their last
     positions): the N = P * n rows padded to a batch B on the ladder, over a StaticKVCache whose length is on
-    the ladder from CACHE_MIN, one decode_step per token."""
+    the ladder from CACHE_MIN, one decode_step per token: plain ("static"), compiled ("compiled") or replayed
+    from a captured graph ("graph")."""
     N, P, device = job.N, job.P, logits.device
     S = min(ladder(small.max_len + job.max_new_tokens, CACHE_MIN), model.config.max_position_embeddings)
     model.model.rotary_emb.reserve(model.config.max_position_embeddings, device)  # a table that grew later would
@@ -203,7 +279,7 @@ def decode_static(model, small, logits, job: Job, compiled: bool):
     s.stop.fill_(-1)
     s.stop[:len(job.stop)] = job.stop
     s.tokens.fill_(job.pad_id)
-    dec = StaticDecoder(model, w, job, compiled, dims)
+    dec = StaticDecoder(model, w, job, mode, dims)
     try:
         with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
             return dec.run(logits[src])

@@ -238,6 +238,27 @@ def _rewards(g):
         _finite(f"grpo.reward_weights[{i}]", w)
 
 
+def check_lora(cfg: RunConfig):
+    """LoRA's settings (when rank > 0), its adapter to start from, and what a LoRA run cannot do."""
+    lo = cfg.lora
+    _at_least("lora.rank", lo.rank, 0)
+    if lo.rank == 0:
+        _need(not lo.init, "lora.init", lo.init, "an adapter to start from needs lora.rank > 0 (it sets the rank)")
+        return
+    from psyche.lora import LoRAError, check_settings, read_adapter_config
+
+    try:
+        check_settings(lo.rank, lo.alpha, lo.dropout, lo.targets)
+        if lo.init:
+            c = read_adapter_config(lo.init)
+            _need(c["r"] == lo.rank and sorted(c["target_modules"]) == sorted(lo.targets), "lora.init", lo.init,
+                  f"the adapter has rank {c['r']} on {c['target_modules']}; set lora.rank and lora.targets to match")
+    except LoRAError as e:
+        raise ConfigError(str(e)) from None
+    _need(cfg.grpo.ref_reset_every == 0, "grpo.ref_reset_every", cfg.grpo.ref_reset_every,
+          "a LoRA run's reference is the base model (its adapters off): it cannot be reset to the policy")
+
+
 def check_sections(cfg: RunConfig):
     """Every section's ranges and rules that need neither the number of ranks nor any file."""
     check_run(cfg)
@@ -247,6 +268,7 @@ def check_sections(cfg: RunConfig):
     check_sft_section(cfg)
     check_checkpoint_and_log(cfg)
     check_grpo_section(cfg)
+    check_lora(cfg)
 
 
 # ============================================================================================================

@@ -123,6 +123,13 @@ CASES = [
          "the model's logits are not finite"),
     Case("infinite weights: chat", psyche("chat", "{inf}"), "the model's logits are not finite", stdin="hi\n"),
     Case("corrupt tokenizer.json", sft('model.init="{tokbad}"'), "{tokbad}/tokenizer.json: cannot be read"),
+    Case("LoRA rank below 0", sft("lora.rank=-1"), "lora.rank=-1: must be >= 0", True),
+    Case("LoRA target that does not exist", sft("lora.rank=4", 'lora.targets=["q_proj", "qkv"]'),
+         "lora.targets=['q_proj', 'qkv']: name each of q_proj", True),
+    Case("LoRA adapter of another base model", sft("lora.rank=4", 'lora.targets=["q_proj"]', 'model.init="{ckpt}"',
+                                                   'lora.init="{adapter}"'),
+         "{adapter}/adapter_model.safetensors: tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' "
+         "has shape"),
     Case("unknown preset", sft('model.init="preset:huge"'), "model.init='preset:huge': unknown preset 'huge'", True),
     # ---- train.py --stage sft: ranges and rules between keys ----
     Case("negative learning rate", sft("optim.lr=-1"), "optim.lr=-1.0: the learning rate must be > 0", True),
@@ -236,6 +243,13 @@ def ws(tmp_path_factory, tiny_ckpt):
         (ckpts[name] / "config.json").write_text(json.dumps({**c, **change}))
     from safetensors.torch import load_file, save_file
 
+    from helpers import tiny_config
+    from psyche.lora import adapter_config, add_lora, save_adapter
+    from psyche.model import build_model
+
+    wide = build_model(tiny_config(n_head=4, head_dim=32), seed=0)  # an adapter of a base twice as wide
+    add_lora(wide, 4, 8.0, ["q_proj"])
+    save_adapter(d / "adapter", wide.state_dict(), adapter_config(4, 8.0, ["q_proj"], 0.0, False))
     for name, value in (("nan", float("nan")), ("inf", float("inf"))):
         ckpts[name] = d / f"ckpt_{name}"
         shutil.copytree(tiny_ckpt, ckpts[name])
@@ -261,6 +275,7 @@ def ws(tmp_path_factory, tiny_ckpt):
     dump.mkdir()
     (dump / "step.json").write_text('{"step": 3, "world_size": ')
     values = {"run": run, "d": d, "fresh": root / "fresh", "ckpt": tiny_ckpt, "pceb": pceb, "cut": cut,
+              "adapter": d / "adapter",
               "dump": dump, **{k: str(v) for k, v in ckpts.items()}}
     return root, {k: str(v) for k, v in values.items()}
 

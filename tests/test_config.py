@@ -16,6 +16,19 @@ def _toml(tmp_path, text):
     return p
 
 
+def test_the_lora_presets_load_and_validate():
+    from psyche.validate import check_sections
+
+    for name in ("tiny-grpo-lora", "qwen2.5-7b-grpo-lora"):
+        cfg = load_run_config(ROOT / "configs" / f"{name}.toml")
+        check_sections(cfg)
+        assert cfg.lora.rank > 0 and len(cfg.lora.targets) == 7
+    full = load_run_config(ROOT / "configs/qwen2.5-7b-grpo.toml")
+    lora = load_run_config(ROOT / "configs/qwen2.5-7b-grpo-lora.toml")
+    same = lambda g: {k: v for k, v in vars(g).items() if k != "optim"}  # noqa: E731
+    assert same(lora.grpo) == same(full.grpo) and lora.grpo.optim.lr == pytest.approx(10 * full.grpo.optim.lr)
+
+
 def test_shipped_configs_load():
     tiny = load_run_config(ROOT / "configs/tiny-sft.toml")
     assert tiny.model.init == "preset:tiny" and tiny.data.paths == ["configs/data/tiny-sft.jsonl"]

@@ -496,6 +496,50 @@ def test_sampler_logprobs_equal_a_plain_forward(pair, dtype):
             assert float(d.max()) <= 0.1 and float(d.mean()) <= 0.02, (float(d.max()), float(d.mean()))
 
 
+def test_graph_decode_equals_eager_and_captures_once_per_shape(pair, monkeypatch):
+    """The default CUDA path ("graph"): the step captured as a torch.cuda.CUDAGraph per buffer set and sampling
+    setting, with no compile. Tokens, log-probs and streamed events equal the eager path's (fp32) through
+    rebucketing (minimum batch lowered to 1) and streaming; a second call of the same shapes captures nothing;
+    each capture's time is recorded."""
+    import time
+
+    import psyche.static_decode as sd
+    from psyche.sampler import generate
+
+    monkeypatch.setattr(sd, "REBUCKET_MIN", 1)
+    times = []
+    real = sd.GraphStep._capture
+
+    def timed(self):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        real(self)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+
+    monkeypatch.setattr(sd.GraphStep, "_capture", timed)
+    _, m = pair
+    prompts = PROMPTS * 2
+    kw = dict(n=2, max_new_tokens=40, temperature=1.0, top_p=0.9, stop_token_ids=[1, 2, 3], seed=5)
+
+    def run(path):
+        seen = []
+        r = generate(m, prompts, path=path, on_token=lambda t, rows, tok: seen.append((t, rows.tolist(),
+                                                                                     tok.tolist())), **kw)
+        return r, seen
+
+    (a, seen_a), (b, seen_b) = run("graph"), run("eager")
+    n_captures = len(times)
+    c, _ = run("graph")
+    _record("e_graph_decode", capture_s=times, captures_first_call=n_captures,
+            captures_second_call=len(times) - n_captures)
+    assert n_captures >= 1 and len(times) == n_captures
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths) and seen_a == seen_b
+    assert float((a.logprobs - b.logprobs).abs().max()) <= 1e-5
+    assert torch.equal(c.tokens, a.tokens)
+
+
+@pytest.mark.compile
 def test_compiled_decode_replays_cuda_graphs_and_equals_eager(pair, monkeypatch):
     """The compiled static path on CUDA (mode "reduce-overhead"): torch.compile skips no CUDA graph (every
     input the step mutates is a pooled buffer marked static), a second call of the same shapes records no new
@@ -503,10 +547,10 @@ def test_compiled_decode_replays_cuda_graphs_and_equals_eager(pair, monkeypatch)
     (minimum batch lowered to 1) and streaming."""
     from torch._dynamo.utils import counters
 
-    import psyche.sampler as sampler
+    import psyche.static_decode as sd
     from psyche.sampler import generate
 
-    monkeypatch.setattr(sampler, "REBUCKET_MIN", 1)
+    monkeypatch.setattr(sd, "REBUCKET_MIN", 1)
     _, m = pair
     prompts = PROMPTS * 2
     kw = dict(n=2, max_new_tokens=40, temperature=1.0, top_p=0.9, stop_token_ids=[1, 2, 3], seed=5)

@@ -186,7 +186,7 @@ def test_path_setting(monkeypatch):
     from psyche.sampler import resolve_path
 
     cpu = torch.device("cpu")
-    assert resolve_path("auto", cpu) == "eager" and resolve_path("auto", torch.device("cuda")) == "compiled"
+    assert resolve_path("auto", cpu) == "eager" and resolve_path("auto", torch.device("cuda")) == "graph"
     monkeypatch.setenv("PSYCHE_SAMPLER", "static")
     assert resolve_path("auto", cpu) == "static" and resolve_path("eager", cpu) == "eager"
     monkeypatch.setenv("PSYCHE_SAMPLER", "fast")
@@ -400,3 +400,44 @@ def test_non_finite_logits_are_an_error_and_nothing_is_streamed(path, where):
         assert seen == []
     else:  # what was streamed was sampled from finite logits: the clean run's tokens
         assert seen and all(clean.tokens[r, s] == tok for s, r, tok in seen)
+
+
+def test_the_graph_path_equals_eager_through_stops_groups_top_p_rebucketing_streaming_and_cancelling(monkeypatch):
+    """The graph path (CUDA graphs per buffer set and sampling setting; on the CPU the same warm-up, restore and
+    plain calls): the eager path's tokens, log-probs and streamed events, one capture per (buffer set, sampling
+    setting) however many steps, and the warm-up undone (it runs steps that must leave no trace)."""
+    import psyche.static_decode as sd
+
+    monkeypatch.setattr(sd, "REBUCKET_MIN", 1)
+    monkeypatch.setattr(sd, "_POOL", {})
+    captures = []
+    real = sd.GraphStep._capture
+    monkeypatch.setattr(sd.GraphStep, "_capture", lambda self: (captures.append(id(self)), real(self))[1])
+    m = build_model(tiny_config(vocab=40), seed=1).eval()
+    kw = dict(temperature=1.0, n=3, top_p=0.9, stop_token_ids=[5, 7, 11], max_new_tokens=40,
+              row_max_tokens=torch.tensor([3, 9, 17, 40, 40] * 3)[:12])
+
+    def run(path):
+        seen = []
+
+        def should_end(rows):
+            return [bool(seen) and seen[-1][0] >= 15 and int(r) == 4 for r in rows]
+
+        r = generate(m, RAGGED, path=path, should_end=should_end,
+                     on_token=lambda t, rows, tok: seen.append((t, rows.tolist(), tok.tolist())), **kw)
+        return r, seen
+
+    (a, seen_a), (b, seen_b) = run("graph"), run("eager")
+    _same_rollout(a, b)
+    assert seen_a == seen_b and a.lengths[4] <= 16
+    n_sets = sum(len(v) for v in sd._POOL.values())
+    assert len(captures) == len(set(captures)) and 2 <= len(captures) <= n_sets  # one per set (rebucketed: >1)
+    before = len(captures)
+    again = generate(m, RAGGED, path="graph", **kw)  # the same shapes and settings: replayed, nothing captured
+    assert len(captures) == before
+    greedy = generate(m, RAGGED, path="graph", **{**kw, "temperature": 0.0})  # another setting: captured anew
+    assert len(captures) > before
+    _same_rollout(greedy, generate(m, RAGGED, path="eager", **{**kw, "temperature": 0.0}))
+    _same_rollout(again, generate(m, RAGGED, path="eager", **kw))
+    sd.release_buffers()
+    assert sd._POOL == {}  # graphs live on their buffer sets: released with them

@@ -36,6 +36,7 @@ from psyche.grpo.diagnostics import (StepDiagnostics, kl_check, record_pass_rate
 from psyche.grpo.step import (LossConfig, RolloutBatch, apply_truncation_mask, batched_logprobs, build_batch, combine,
                               combine_kind, compute_advantages, completion_kl, concat, kl_estimate, logprob_gap,
                               rollout_stats, shape_rewards, update_policy, zero_std_groups)
+from psyche.lora import Reference
 from psyche.rewards import RewardError, RewardSet
 from psyche.sampler import generate, row_seeds, splitmix64
 
@@ -251,8 +252,9 @@ def score_rollouts(policy, ref, b: RolloutBatch, gc, *, n_updates: int, device) 
     the estimator check (diagnostics). With kl_mode = reward the KL penalty is taken from the rewards here."""
     metrics = {}
     t0 = time.time()
+    movable = isinstance(ref, torch.nn.Module) and gc.ref_offload
     if ref is not None:
-        if gc.ref_offload:
+        if movable:
             ref.to(device)
         b.ref_logp = batched_logprobs(ref, b, gc.micro_batch, gc.temperature)
     t_ref = time.time() - t0
@@ -279,7 +281,7 @@ def score_rollouts(policy, ref, b: RolloutBatch, gc, *, n_updates: int, device) 
     if gc.kl_mode == "reward" and gc.kl_coef:
         lp_now = recomputed if recomputed is not None else b.sampler_logp
         b.rewards = b.rewards - gc.kl_coef * (kl_estimate(lp_now, b.ref_logp, gc.kl_kind) * b.mask).sum(1)
-    if gc.ref_offload:
+    if movable:
         ref.to("cpu")
     return metrics, t_ref
 
@@ -375,18 +377,21 @@ def run_grpo(cfg: RunConfig) -> Path:
     run = Run(cfg, init_dir, device, gc.optim, total)
     policy = run.model
     ref = None
-    if gc.kl_coef > 0 or gc.exact_kl:  # a full frozen copy on every rank (compute dtype), optionally on the CPU
+    if (gc.kl_coef > 0 or gc.exact_kl) and cfg.lora.rank > 0:  # the base model is the policy, adapters off
+        ref = Reference(policy)
+    elif gc.kl_coef > 0 or gc.exact_kl:  # a full frozen copy on every rank (compute dtype), optionally on the CPU
         ref, _ = load_pretrained(init_dir, dtype=run.compute_dtype, device="cpu" if gc.ref_offload else device)
         ref.requires_grad_(False).eval()
+    frozen_ref = ref if isinstance(ref, torch.nn.Module) else None  # a model of its own (checkpointed, movable)
     lc = LossConfig.from_grpo(gc)
     n_updates = gc.prompts_per_step // mini * gc.ppo_epochs
+    where = ("none (kl_coef = 0 and exact_kl off)" if ref is None else "the policy with its adapters off"
+             if frozen_ref is None else "on CPU" if gc.ref_offload else f"on {device}")
     dist.print0(f"grpo: {len(prompts)} prompts ({too_long} dropped as longer than {gc.max_prompt_length} tokens); "
                 f"{gc.prompts_per_step} prompts x {gc.group_size} samples per step, {gc.prompts_per_step // mini} "
                 f"updates per pass, {gc.ppo_epochs} pass(es); {total} steps; policy {run.model_cfg.num_params():,} "
-                f"parameters from {init_dir}, {run.precision}; reference "
-                f"{'on CPU' if gc.ref_offload else 'on ' + str(device)}"
-                f"{'' if ref is not None else ' (none: kl_coef = 0 and exact_kl off)'}")
-    state = run.resume({"reference": ref} if ref is not None else None)
+                f"parameters from {init_dir}, {run.precision}; reference {where}")
+    state = run.resume({"reference": frozen_ref} if frozen_ref is not None else None)
     if state:
         dist.print0(f"resumed from {run.resumed} at step {run.start}")
     stream = PromptStream(len(prompts), cfg.run.seed, state["prompt_position"] if state else 0)
@@ -438,8 +443,8 @@ def run_grpo(cfg: RunConfig) -> Path:
         metrics.update(lr=lr, **clock.times)
         metrics = combine_ranks(b, metrics)
         reset = bool(gc.ref_reset_every and step % gc.ref_reset_every == 0)
-        if reset and ref is not None:
-            reset_reference(policy, ref)
+        if reset and frozen_ref is not None:
+            reset_reference(policy, frozen_ref)
         if metrics is not None:
             n_tok = metrics["update_tokens"] // max(gc.ppo_epochs, 1)
             metrics.update(tokens=n_tok, tok_per_s=n_tok / max(clock.total, 1e-9), ref_reset=int(reset))

@@ -15,3 +15,4 @@ L grpo.group_size=8,4,16 --seeds 0-4 --name group-size
 L grpo.temperature=1.0,0.7 --seeds 0-2 --name temperature
 L grpo.kl_coef=0,1.0 --seeds 0-2 --name kl
 L grpo.rollout_correction=none,tis --with grpo.sampler_dtype=bfloat16 --seeds 0-2 --name bf16-sampler-tis
+L lora.rank+grpo.optim.lr=0+1e-4,1+1e-3,8+1e-3 --seeds 0-2 --name lora

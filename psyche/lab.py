@@ -270,14 +270,14 @@ def cell_points(out: Path, cell: dict) -> dict:
     training curves' last LAST steps (means), their first step, and totals."""
     from psyche.analysis import read_metrics
 
-    rows = read_metrics(out / "cells" / cell_name(cell["sets"]) / f"s{cell['seed']}" / "grpo")
+    rows = read_metrics(cell_dir(out, cell))
     last = rows[-LAST:]
 
     def mean(key, rs):
         vals = [r[key] for r in rs if key in r]
         return sum(vals) / len(vals) if vals else float("nan")
 
-    samples = sum(r.get("prompts_drawn", 0) for r in rows) * _group_size(rows, cell)
+    samples = sum(r.get("prompts_drawn", 0) for r in rows) * group_size(out, cell)
     gain = cell["heldout_accuracy"] - cell["sft_heldout"]
     return {"heldout_accuracy": cell["heldout_accuracy"], "heldout_gain": gain,
             "train_accuracy_end": mean("accuracy", last), "entropy_start": mean("entropy", rows[:1]),
@@ -291,11 +291,41 @@ def cell_points(out: Path, cell: dict) -> dict:
             "wall_s": cell["wall_s"]}
 
 
-def _group_size(rows, cell) -> int:
-    for s in cell["sets"]:
-        if s.startswith("grpo.group_size="):
-            return int(s.split("=", 1)[1])
-    return 8  # configs/lab-grpo.toml
+def cell_dir(out: Path, cell: dict) -> Path:
+    return out / "cells" / cell_name(cell["sets"]) / f"s{cell['seed']}" / "grpo"
+
+
+def group_size(out: Path, cell: dict) -> int:
+    """The cell's group size, from the config its run saved."""
+    from psyche.config import load_run_config
+
+    return load_run_config(cell_dir(out, cell) / "config.toml").grpo.group_size
+
+
+def zero_variance_check(out: Path, labels, seeds, cells) -> list[dict] | None:
+    """For an ablation of the group size: each cell's zero-variance fraction at step 1 (the same prompts in every
+    cell of a seed) against p^G + (1 − p)^G over those prompts, p^G estimated without bias from the largest
+    group's step-1 pass counts (k of n right: C(k, G) / C(n, G)). None unless the cells differ in group size."""
+    from math import comb
+
+    from psyche.analysis import read_metrics
+    from psyche.grpo.diagnostics import read_pass_rates
+
+    sizes = {lab: group_size(out, cells[(lab, seeds[0])]) for lab in labels}
+    if len(set(sizes.values())) < 2:
+        return None
+    big = max(sizes, key=sizes.get)
+    n = sizes[big]
+    rows = []
+    for lab in labels:
+        G, measured, predicted = sizes[lab], [], []
+        for s in seeds:
+            measured.append(read_metrics(cell_dir(out, cells[(lab, s)]))[0]["zero_std_frac"])
+            step1 = read_pass_rates(cell_dir(out, cells[(big, s)]))[0]["pass_rate"]
+            ks = [round(p * n) for p in step1.values()]
+            predicted.append(sum((comb(k, G) + comb(n - k, G)) / comb(n, G) for k in ks) / len(ks))
+        rows.append({"label": lab, "group_size": G, "measured": measured, "predicted": predicted})
+    return rows
 
 
 def verdict(name: str, diffs: list[float], tol: float = 0.0) -> str:
@@ -336,9 +366,11 @@ def report(out: Path, name: str, labels: list[str], seeds: list[int], cells: dic
     paired = {lab: {k: [pts[(lab, s)][k] - pts[(first, s)][k] for s in seeds] for k in POINTS} for lab in labels[1:]}
     verdicts = {lab: [verdict(k, paired[lab][k]) for k in POINTS] for lab in labels[1:]}
     plot_curves(out, labels, seeds, cells, d / "plots" / "curves.png")
+    plot_per_sample(out, labels, seeds, cells, d / "plots" / "accuracy_per_sample.png")
     rep = {"name": name, "labels": labels, "seeds": seeds, "cells": {lab: cells[(lab, seeds[0])]["sets"]
                                                                      for lab in labels},
-           "table": table, "paired_vs_first": paired, "verdicts": verdicts}
+           "table": table, "paired_vs_first": paired, "verdicts": verdicts,
+           "zero_variance_step1": zero_variance_check(out, labels, seeds, cells)}
     (d / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
     (d / "report.md").write_text(markdown(rep))
     return rep
@@ -356,7 +388,14 @@ def markdown(rep: dict) -> str:
         lines += ["", f"Paired per-seed differences, `{lab}` − `{labels[0]}` (seeds {', '.join(map(str, seeds))}):", ""]
         lines += [f"- {k}: " + ", ".join(f"{x:+.4g}" for x in rep["paired_vs_first"][lab][k]) for k in POINTS]
         lines += ["", "Verdicts:", ""] + [f"- {v}" for v in rep["verdicts"][lab]]
-    lines += ["", "![curves](plots/curves.png)", ""]
+    if rep.get("zero_variance_step1"):
+        lines += ["", "Zero-variance groups at step 1, measured vs p^G + (1 − p)^G (p^G from the largest group's pass "
+                  "counts):", "", "| cell | G | measured (per seed) | predicted (per seed) |", "|---|---|---|---|"]
+        for r in rep["zero_variance_step1"]:
+            lines.append(f"| `{r['label']}` | {r['group_size']} | " + ", ".join(f"{x:.3f}" for x in r["measured"])
+                         + " | " + ", ".join(f"{x:.3f}" for x in r["predicted"]) + " |")
+    lines += ["", "![curves](plots/curves.png)", "", "![accuracy per generated sample](plots/accuracy_per_sample.png)",
+              ""]
     return "\n".join(lines)
 
 
@@ -382,7 +421,7 @@ def plot_curves(out: Path, labels, seeds, cells, path: Path):
         for lab in labels:
             runs = []
             for s in seeds:
-                rows = read_metrics(out / "cells" / cell_name(cells[(lab, s)]["sets"]) / f"s{s}" / "grpo")
+                rows = read_metrics(cell_dir(out, cells[(lab, s)]))
                 ys = [r.get(key, float("nan")) for r in rows]
                 runs.append(_smooth(ys, SMOOTH) if key in ("accuracy", "reward_mean") else ys)
             n = min(map(len, runs))
@@ -397,6 +436,34 @@ def plot_curves(out: Path, labels, seeds, cells, path: Path):
         ax.set_xlabel("GRPO step")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"mean and min-max over seeds {', '.join(map(str, seeds))}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_per_sample(out: Path, labels, seeds, cells, path: Path):
+    """Training accuracy (smoothed) against the samples generated so far, one line per (cell, seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from psyche.analysis import read_metrics
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, lab in enumerate(labels):
+        for s in seeds:
+            cell = cells[(lab, s)]
+            rows = read_metrics(cell_dir(out, cell))
+            G, total, xs = group_size(out, cell), 0, []
+            for r in rows:
+                total += r.get("prompts_drawn", 0) * G
+                xs.append(total)
+            ax.plot(xs, _smooth([r.get("accuracy", float("nan")) for r in rows], SMOOTH), color=f"C{i}",
+                    alpha=0.7, label=lab if s == seeds[0] else None)
+    ax.set_xlabel("samples generated")
+    ax.set_ylabel(f"training accuracy ({SMOOTH}-step mean)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

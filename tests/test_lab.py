@@ -83,15 +83,19 @@ def test_a_reduced_ablation_writes_a_well_formed_report_and_resumes(tmp_path, mo
     size = BenchSize(n_train=240, n_test=8, sft_steps=4)
     extra = ("grpo.steps=2", "grpo.prompts_per_step=4", "grpo.mini_batch=2", "grpo.exact_kl_rows=4",
              "grpo.max_new_tokens=48")
-    rep = lab.run_ablation("grpo.clip_high=0.2,0.28", [0, 1], tmp_path, extra=extra, size=size, log=lambda m: None)
-    d = tmp_path / "clip_high"
+    rep = lab.run_ablation("grpo.group_size=4,2", [0, 1], tmp_path, extra=extra, size=size, log=lambda m: None)
+    d = tmp_path / "group_size"
     md = (d / "report.md").read_text()
-    assert rep["labels"] == ["0.2", "0.28"] and set(rep["table"]["0.28"]) == set(lab.POINTS)
+    assert rep["labels"] == ["4", "2"] and set(rep["table"]["2"]) == set(lab.POINTS)
     for k in lab.POINTS:
         assert f"| {k} |" in md
-        assert len(rep["paired_vs_first"]["0.28"][k]) == 2
-    assert len(rep["verdicts"]["0.28"]) == len(lab.POINTS) and "Verdicts:" in md
-    assert (d / "plots" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(rep["paired_vs_first"]["2"][k]) == 2
+    assert len(rep["verdicts"]["2"]) == len(lab.POINTS) and "Verdicts:" in md
+    for png in ("curves.png", "accuracy_per_sample.png"):
+        assert (d / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    zv = {r["group_size"]: r for r in rep["zero_variance_step1"]}  # p^G + (1-p)^G from the G = 4 pass counts
+    assert set(zv) == {2, 4} and all(0 <= x <= 1 for r in zv.values() for x in r["measured"] + r["predicted"])
+    assert all(a >= b for a, b in zip(zv[2]["predicted"], zv[4]["predicted"]))  # smaller groups: more often uniform
     assert json.loads((d / "report.json").read_text())["seeds"] == [0, 1]
     cell = json.loads(next((tmp_path / "cells").glob("*/s0/cell.json")).read_text())
     assert "train.py --stage grpo --config configs/lab-grpo.toml" in cell["command"]
@@ -100,6 +104,6 @@ def test_a_reduced_ablation_writes_a_well_formed_report_and_resumes(tmp_path, mo
         raise AssertionError("a finished cell ran again")
 
     monkeypatch.setattr(lab.subprocess, "run", fail)
-    lab.run_ablation("grpo.clip_high=0.2,0.28", [0, 1], tmp_path, extra=extra, size=size, log=lambda m: None)
+    lab.run_ablation("grpo.group_size=4,2", [0, 1], tmp_path, extra=extra, size=size, log=lambda m: None)
     assert (d / "report.md").read_text() == md
     assert Path(tmp_path / "bench" / "s1" / "sft" / "hf" / "config.json").is_file()

@@ -305,7 +305,9 @@ def group_size(out: Path, cell: dict) -> int:
 def zero_variance_check(out: Path, labels, seeds, cells) -> list[dict] | None:
     """For an ablation of the group size: each cell's zero-variance fraction at step 1 (the same prompts in every
     cell of a seed) against p^G + (1 − p)^G over those prompts, p^G estimated without bias from the largest
-    group's step-1 pass counts (k of n right: C(k, G) / C(n, G)). None unless the cells differ in group size."""
+    group's step-1 pass counts (k of n right: C(k, G) / C(n, G)). Both count groups whose *correctness* does not
+    vary (all right or all wrong): the reward's zero-std fraction is lower, as the format reward still varies in
+    some of them. None unless the cells differ in group size."""
     from math import comb
 
     from psyche.analysis import read_metrics
@@ -320,7 +322,8 @@ def zero_variance_check(out: Path, labels, seeds, cells) -> list[dict] | None:
     for lab in labels:
         G, measured, predicted = sizes[lab], [], []
         for s in seeds:
-            measured.append(read_metrics(cell_dir(out, cells[(lab, s)]))[0]["zero_std_frac"])
+            m = read_metrics(cell_dir(out, cells[(lab, s)]))[0]
+            measured.append(m["pass_all_wrong_frac"] + m["pass_all_right_frac"])
             step1 = read_pass_rates(cell_dir(out, cells[(big, s)]))[0]["pass_rate"]
             ks = [round(p * n) for p in step1.values()]
             predicted.append(sum((comb(k, G) + comb(n - k, G)) / comb(n, G) for k in ks) / len(ks))
@@ -328,18 +331,29 @@ def zero_variance_check(out: Path, labels, seeds, cells) -> list[dict] | None:
     return rows
 
 
+def sign_test_p(up: int, down: int) -> float:
+    """Two-sided exact sign test on the non-tied seeds: P(a split at least this uneven | no effect)."""
+    n, k = up + down, max(up, down)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n)
+
+
 def verdict(name: str, diffs: list[float], tol: float = 0.0) -> str:
-    """One line on the paired per-seed differences of a metric (value − first value)."""
+    """One line on the paired per-seed differences of a metric (value − first value). A direction is claimed
+    when 4 of 5 seeds (all of 3) agree and the mean has the same sign; the sign test's p says how little
+    4 of 5 proves (0.375; 5 of 5: 0.0625)."""
     d = [x for x in diffs if not math.isnan(x)]
     if not d:
         return f"{name}: no data"
     up, down = sum(x > tol for x in d), sum(x < -tol for x in d)
     mean = sum(d) / len(d)
     need = len(d) - 1 if len(d) >= 5 else len(d)  # 4 of 5 seeds, or all of 3
-    if up >= need:
-        return f"{name}: higher on {up}/{len(d)} seeds (mean {mean:+.4g})"
-    if down >= need:
-        return f"{name}: lower on {down}/{len(d)} seeds (mean {mean:+.4g})"
+    p = f"sign test p {sign_test_p(up, down):.2g}"
+    if up >= need and mean > 0:
+        return f"{name}: higher on {up}/{len(d)} seeds (mean {mean:+.4g}; {p})"
+    if down >= need and mean < 0:
+        return f"{name}: lower on {down}/{len(d)} seeds (mean {mean:+.4g}; {p})"
     return f"{name}: no consistent difference ({up} higher, {down} lower of {len(d)}; mean {mean:+.4g})"
 
 
@@ -389,8 +403,8 @@ def markdown(rep: dict) -> str:
         lines += [f"- {k}: " + ", ".join(f"{x:+.4g}" for x in rep["paired_vs_first"][lab][k]) for k in POINTS]
         lines += ["", "Verdicts:", ""] + [f"- {v}" for v in rep["verdicts"][lab]]
     if rep.get("zero_variance_step1"):
-        lines += ["", "Zero-variance groups at step 1, measured vs p^G + (1 − p)^G (p^G from the largest group's pass "
-                  "counts):", "", "| cell | G | measured (per seed) | predicted (per seed) |", "|---|---|---|---|"]
+        lines += ["", "Groups whose correctness does not vary (all right or all wrong) at step 1, measured vs "
+                  "p^G + (1 − p)^G (p^G from the largest group's pass counts):", "", "| cell | G | measured (per seed) | predicted (per seed) |", "|---|---|---|---|"]
         for r in rep["zero_variance_step1"]:
             lines.append(f"| `{r['label']}` | {r['group_size']} | " + ", ".join(f"{x:.3f}" for x in r["measured"])
                          + " | " + ", ".join(f"{x:.3f}" for x in r["predicted"]) + " |")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from psyche.lab import (CONFUSIONS, STYLES, BenchSize, LabTeacher, can_fail, confusable, misread, parse_knob,
-                        parse_seeds, verdict, write_rationale)
+                        parse_seeds, sign_test_p, verdict, write_rationale)
 from psyche.task import explain, make_splits
 
 
@@ -72,6 +72,9 @@ def test_knobs_seeds_and_verdicts_parse():
     assert verdict("x", [0.1, 0.2, 0.3, -0.1, 0.2]).startswith("x: higher on 4/5")
     assert verdict("x", [0.1, -0.2, 0.3]).startswith("x: no consistent difference")
     assert verdict("x", [-1.0, -2.0, -3.0]).startswith("x: lower on 3/3")
+    # 4 of 5 up but the mean down (one large fall): no direction is claimed
+    assert verdict("x", [0.001, 0.002, -0.03, 0.002, 0.001]).startswith("x: no consistent difference")
+    assert sign_test_p(5, 0) == 2 / 32 and sign_test_p(4, 1) == 12 / 32 and sign_test_p(0, 0) == 1.0
 
 
 def test_a_reduced_ablation_writes_a_well_formed_report_and_resumes(tmp_path, monkeypatch):
@@ -96,6 +99,7 @@ def test_a_reduced_ablation_writes_a_well_formed_report_and_resumes(tmp_path, mo
     zv = {r["group_size"]: r for r in rep["zero_variance_step1"]}  # p^G + (1-p)^G from the G = 4 pass counts
     assert set(zv) == {2, 4} and all(0 <= x <= 1 for r in zv.values() for x in r["measured"] + r["predicted"])
     assert all(a >= b for a, b in zip(zv[2]["predicted"], zv[4]["predicted"]))  # smaller groups: more often uniform
+    assert zv[4]["measured"] == pytest.approx(zv[4]["predicted"])  # the largest group predicts itself exactly
     assert json.loads((d / "report.json").read_text())["seeds"] == [0, 1]
     cell = json.loads(next((tmp_path / "cells").glob("*/s0/cell.json")).read_text())
     assert "train.py --stage grpo --config configs/lab-grpo.toml" in cell["command"]

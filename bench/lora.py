@@ -29,7 +29,7 @@ QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
 CHILD = r"""
 import json, resource, sys, torch
 sys.path.insert(0, {root!r})
-from psyche.config import ModelConfig
+from psyche.model_config import ModelConfig
 from psyche.lora import add_lora
 from psyche.model import build_model
 cfg = ModelConfig(**json.loads({shape!r}), max_position_embeddings=4096, torch_dtype="float32")
@@ -61,7 +61,7 @@ def decode_ratio(shape: dict, rank: int, batch: int, new: int, repeats: int) -> 
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from psyche.config import ModelConfig
+    from psyche.model_config import ModelConfig
     from psyche.lora import add_lora
     from psyche.model import build_model
     from psyche.sampler import generate

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from psyche.config import ModelConfig
+from psyche.model_config import ModelConfig
 from psyche.model import build_model
 from psyche.sampler import generate
 

@@ -35,7 +35,7 @@ MiB = 1 << 20
 
 
 def model_config(a):
-    from psyche.config import ModelConfig
+    from psyche.model_config import ModelConfig
 
     return ModelConfig(hidden_size=a.hidden, intermediate_size=a.hidden * 11 // 4, num_hidden_layers=a.layers,
                        num_attention_heads=a.hidden // 64, num_key_value_heads=max(1, a.hidden // 256),
@@ -242,7 +242,7 @@ def _bench_packing(a, max_len):
     many rows as give the same tokens per micro-batch."""
     import numpy as np
 
-    from psyche.config import preset
+    from psyche.model_config import preset
     from psyche.data import SFTBatches, Samples
     from psyche.model import build_model
 

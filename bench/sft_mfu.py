@@ -109,7 +109,7 @@ def main():
     ap.add_argument("--impls", default="psyche,hf")
     ap.add_argument("--one-at-a-time", action="store_true", help="build and time one implementation at a time")
     a = ap.parse_args()
-    from psyche.config import ModelConfig
+    from psyche.model_config import ModelConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"

@@ -78,7 +78,8 @@ def command(**settings) -> str:
 def build(out: Path, *, steps: int, seed: int, n_per_scale: int, vocab: int, lr: float, batch: int,
           eval_every: int, work: Path, log=print) -> dict:
     """Pretrain the base model and write it to `out` (atomically); returns the build record."""
-    from psyche.config import ModelConfig, RunConfig
+    from psyche.config import RunConfig
+    from psyche.model_config import ModelConfig
     from psyche.model import build_model
     from psyche.sft import run_sft
     from psyche.tokenizer import train_tokenizer

@@ -22,7 +22,7 @@ DEBUG_ENV = "PSYCHE_DEBUG"
 
 
 # The errors that are the input's fault or the environment's, not the code's, by module.
-USER_ERRORS = (("psyche.config", "ConfigError"), ("psyche.data", "DataError"),
+USER_ERRORS = (("psyche.model_config", "ConfigError"), ("psyche.data", "DataError"),
                ("psyche.hf_checkpoint", "CheckpointError"), ("psyche.tokenizer", "TokenizerError"),
                ("psyche.run", "NonFiniteLossError"), ("psyche.lora", "LoRAError"),
                ("psyche.rewards", "RewardError"), ("psyche.pceb", "BenchmarkError"),
@@ -130,7 +130,7 @@ def main(debug):
 @click.option("--tokenizer-vocab", default=1024, show_default=True, help="BPE vocabulary size to train.")
 def init_model(preset_name, out, seed, tokenizer_vocab):
     """Write a random checkpoint (config.json, safetensors, tokenizer) with a small trained BPE tokenizer."""
-    from psyche.config import ModelConfig
+    from psyche.model_config import ModelConfig
     from psyche.weights import init_checkpoint
 
     path = init_checkpoint(out, preset_name, seed=seed, tokenizer_vocab=tokenizer_vocab)

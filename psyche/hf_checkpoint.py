@@ -15,7 +15,7 @@ import json
 import struct
 from pathlib import Path
 
-from psyche.config import ModelConfig
+from psyche.model_config import ModelConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

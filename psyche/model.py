@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from psyche import kernels
-from psyche.config import ModelConfig
+from psyche.model_config import ModelConfig
 
 
 class RMSNorm(nn.Module):

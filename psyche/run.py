@@ -28,7 +28,8 @@ import torch.nn as nn
 from psyche import dist
 from psyche.checkpoint import (export_adapter, export_hf, fault, latest_checkpoint, load_checkpoint,
                                load_full_model_state, read_safetensors_dir, save_checkpoint)
-from psyche.config import ConfigError, ModelConfig, config_diff, load_run_config, to_toml
+from psyche.config import ConfigError, config_diff, load_run_config, to_toml
+from psyche.model_config import ModelConfig
 from psyche.metrics import MetricsLogger, step_line
 
 

@@ -23,7 +23,8 @@ import math
 import os
 from pathlib import Path
 
-from psyche.config import PRESETS, ConfigError, ModelConfig, RunConfig
+from psyche.config import ConfigError, RunConfig
+from psyche.model_config import PRESETS, ModelConfig
 from psyche.hf_checkpoint import check_checkpoint
 
 MAX_SEED = 2**32  # run.seed feeds int64 hashes (GRPO's row seeds) and numpy's generator: 0 <= seed < 2**32

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from psyche.config import ModelConfig
+from psyche.model_config import ModelConfig
 from psyche.hf_checkpoint import (INDEX_NAME, SINGLE_NAME, CheckpointError,  # noqa: F401 (re-exported)
                                   check_checkpoint, checkpoint_files)
 from psyche.model import Qwen2
@@ -170,7 +170,7 @@ def init_checkpoint(out: str | Path, preset_name: str = "tiny", seed: int = 0, t
 
     The model's vocab_size is the tokenizer's rounded up to a multiple of 64 (as Qwen pads its embedding).
     """
-    from psyche.config import preset
+    from psyche.model_config import preset
     from psyche.model import build_model
     from psyche.tokenizer import SAMPLE_CORPUS, train_tokenizer
 

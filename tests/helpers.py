@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from psyche.config import ModelConfig
+from psyche.model_config import ModelConfig
 
 
 def tiny_config(tied=True, n_head=4, n_kv=2, head_dim=16, layers=2, vocab=96, **kw) -> ModelConfig:

@@ -29,7 +29,7 @@ def test_sft_mfu_flop_count_equals_torchs_flop_counter():
     matmuls = flops_per_token(cfg, T) / 3 - causal
     assert fc.get_total_flops() / (B * T) in (matmuls, matmuls + 2 * causal)
 
-    from psyche.config import ModelConfig
+    from psyche.model_config import ModelConfig
 
     big = ModelConfig(**QWEN25_1_5B)  # 1.54B parameters: ~6 N per token at short sequences
     assert abs(flops_per_token(big, 1) / 6 / 1.54e9 - 1) < 0.01

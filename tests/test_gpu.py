@@ -41,7 +41,8 @@ import torch
 
 from psyche import kernels
 from helpers import hf_model, left_padded, psyche_from_hf, tiny_config
-from psyche.config import ModelConfig, OptimSection
+from psyche.config import OptimSection
+from psyche.model_config import ModelConfig
 from psyche.model import build_model
 
 DEVICE = torch.device(os.environ.get("PSYCHE_TEST_DEVICE", "cuda"))

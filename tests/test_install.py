@@ -66,7 +66,7 @@ def test_reference_packages_are_the_pinned_versions():
 
 _OUTSIDE = r"""
 import kernels, torch
-from psyche.config import ModelConfig
+from psyche.model_config import ModelConfig
 from psyche.model import build_model
 assert hasattr(kernels, "CUDAProperties") and not hasattr(kernels, "rms_norm"), kernels.__file__
 cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,

@@ -288,7 +288,7 @@ def test_token_logprobs_dispatch_shapes(monkeypatch):
 def test_tiny_model_with_triton_kernels_equals_reference(monkeypatch):
     """The tiny model's logits, per-token log-probs/entropy (its fused lm_head path, `targets=`) and every
     parameter gradient are the same with PSYCHE_KERNELS=triton as with the references."""
-    from psyche.config import preset
+    from psyche.model_config import preset
     from psyche.model import build_model
 
     cfg = preset("tiny")
@@ -342,7 +342,7 @@ def test_everything_imports_and_runs_without_triton_or_flash_attn():
         os.environ["PSYCHE_KERNELS"] = "triton"  # asks for Triton: must fall back, not fail
         import torch
         from psyche import kernels
-        from psyche.config import preset
+        from psyche.model_config import preset
         from psyche.model import build_model
         assert not kernels.HAS_TRITON and not kernels.use_triton(torch.zeros(1))
         m = build_model(preset("tiny"))

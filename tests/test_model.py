@@ -68,7 +68,7 @@ def test_packed_rows_equal_separate_runs():
 
 
 def test_param_count_matches_presets():
-    from psyche.config import preset
+    from psyche.model_config import preset
 
     assert abs(preset("qwen2.5-7b").num_params() - 7.6156e9) < 1e6
     assert abs(preset("qwen2.5-0.5b").num_params() - 0.4940e9) < 1e6

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from helpers import hf_model, tiny_config
-from psyche.config import ConfigError, ModelConfig
+from psyche.config import ConfigError
+from psyche.model_config import ModelConfig
 from psyche.model import build_model
 from psyche.weights import CheckpointError, load_pretrained, save_pretrained
 

@@ -16,3 +16,4 @@ L grpo.temperature=1.0,0.7 --seeds 0-2 --name temperature
 L grpo.kl_coef=0,1.0 --seeds 0-2 --name kl
 L grpo.rollout_correction=none,tis --with grpo.sampler_dtype=bfloat16 --seeds 0-2 --name bf16-sampler-tis
 L lora.rank+grpo.optim.lr=0+1e-4,1+1e-3,8+1e-3 --seeds 0-2 --name lora
+L grpo.kl_coef=0,0.1,1.0 --seeds 0-2 --name kl  # 0.1 added after 0 vs 1.0 ran (1.0 held the policy still)

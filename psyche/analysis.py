@@ -365,7 +365,18 @@ def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_ou
         raise DataError(f"{dump}: not a readable step dump ({type(e).__name__}: {e})") from None
     cfg = load_run_config(dump / "config.toml")
     ckpt = latest_checkpoint(dump)
-    model = build_model_for_training(ckpt, torch.device("cpu"))
+    if cfg.lora.rank > 0:  # the checkpoint holds the base and its adapters: the layers first, then its values
+        from psyche.lora import add_lora, settings
+        from psyche.model import Qwen2
+        from psyche.model_config import ModelConfig
+
+        with torch.device("meta"):
+            model = Qwen2(ModelConfig.from_dir(ckpt))
+        add_lora(model, **settings(cfg.lora))
+        model = model.to_empty(device="cpu").train()  # every value comes from load_checkpoint below
+        model.tie_weights()
+    else:
+        model = build_model_for_training(ckpt, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg.grpo.optim)
     scheduler, _ = build_scheduler(optimizer, cfg.grpo.optim, 1)  # its state (and the LR) come from the dump
     load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=True)

@@ -1,6 +1,8 @@
 """Training checkpoints: atomic save, resume, keep-last-K, and the final Hugging Face export.
 
-Layout of RUN_DIR/checkpoints/step_00000012/ (every checkpoint is also an HF model directory):
+Layout of RUN_DIR/checkpoints/step_00000012/ (a full fine-tuning's checkpoint is also an HF model directory;
+a LoRA run's holds the base and its adapters unmerged, under psyche's names, for resume alone: its hf/ and
+adapter/ exports are what other tools load):
     config.json, model.safetensors (or shards + index), tokenizer files   the model, loadable by
                                                                           transformers and load_pretrained
     <name>.safetensors      each extra model (e.g. a value head), full state dict

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -226,6 +227,7 @@ def run_cell(out: Path, bench: Path, seed: int, sets: list[str], log=print) -> d
     done = d / "cell.json"
     if done.is_file():
         return json.loads(done.read_text())
+    shutil.rmtree(d / "grpo", ignore_errors=True)  # an unfinished cell starts over (its wall time is then whole)
     d.mkdir(parents=True, exist_ok=True)
     init, prompts = json.dumps(str(bench / "sft" / "hf")), json.dumps(str(bench / "data" / "grpo.jsonl"))
     cmd = [sys.executable, "train.py", "--stage", "grpo", "--config", str(LAB_CONFIG.relative_to(ROOT)),
@@ -261,13 +263,15 @@ CURVES = (("accuracy", "accuracy (training prompts)"), ("reward_mean", "reward")
           ("length_incorrect_mean", "length of incorrect replies"),
           ("kl", "KL to the reference (k3)"), ("clip_frac_low", "clip fraction, low (A < 0)"),
           ("clip_frac_high", "clip fraction, high (A > 0)"), ("zero_std_frac", "zero-variance groups"))
+SAMPLED = {"accuracy": "accuracy_sampled", "zero_std_frac": "zero_std_frac_sampled"}  # over every group sampled
 SMOOTH = 5
 LAST = 5  # steps an end point averages over
 
 
 def cell_points(out: Path, cell: dict) -> dict:
     """The end points of one (cell, seed): held-out accuracy and its gain over the SFT model, and the
-    training curves' last LAST steps (means), their first step, and totals."""
+    training curves' last LAST steps (means), their first step (entropy, zero variance), the change of the
+    incorrect replies' length (last LAST steps' mean − first LAST steps'), and totals (samples generated)."""
     from psyche.analysis import read_metrics
 
     rows = read_metrics(cell_dir(out, cell))
@@ -279,27 +283,47 @@ def cell_points(out: Path, cell: dict) -> dict:
 
     samples = sum(r.get("prompts_drawn", 0) for r in rows) * group_size(out, cell)
     gain = cell["heldout_accuracy"] - cell["sft_heldout"]
+    # accuracy and zero variance over every group sampled (first round), as dynamic sampling logs them before it
+    # keeps only the mixed groups; runs that predate accuracy_sampled fall back to the batch trained on
+    acc = "accuracy_sampled" if any("accuracy_sampled" in r for r in rows) else "accuracy"
+    zero = "zero_std_frac_sampled" if any("zero_std_frac_sampled" in r for r in rows) else "zero_std_frac"
     return {"heldout_accuracy": cell["heldout_accuracy"], "heldout_gain": gain,
-            "train_accuracy_end": mean("accuracy", last), "entropy_start": mean("entropy", rows[:1]),
+            "train_accuracy_end": mean(acc, last), "entropy_start": mean("entropy", rows[:1]),
             "entropy_end": mean("entropy", last), "length_correct_end": mean("length_correct_mean", last),
             "length_incorrect_end": mean("length_incorrect_mean", last),
             "length_incorrect_change": mean("length_incorrect_mean", last) - mean("length_incorrect_mean", rows[:LAST]),
             "kl_end": mean("kl", last), "clip_frac_low_mean": mean("clip_frac_low", rows),
-            "clip_frac_high_mean": mean("clip_frac_high", rows), "zero_std_frac_step1": mean("zero_std_frac", rows[:1]),
-            "zero_std_frac_mean": mean("zero_std_frac", rows), "logprob_gap_mean": mean("logprob_gap", rows),
-            "generated_samples": samples, "heldout_per_1k_samples": 1000 * gain / max(samples, 1),
+            "clip_frac_high_mean": mean("clip_frac_high", rows), "zero_std_frac_step1": mean(zero, rows[:1]),
+            "zero_std_frac_mean": mean(zero, rows), "logprob_gap_mean": mean("logprob_gap", rows),
+            "generated_samples": samples,
+            "heldout_per_1k_samples": 1000 * gain / samples if samples else float("nan"),
             "wall_s": cell["wall_s"]}
+
+
+def _nan_to_null(x):
+    """JSON has no NaN: a metric a cell lacks is written as null."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_null(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_null(v) for v in x]
+    return x
 
 
 def cell_dir(out: Path, cell: dict) -> Path:
     return out / "cells" / cell_name(cell["sets"]) / f"s{cell['seed']}" / "grpo"
 
 
-def group_size(out: Path, cell: dict) -> int:
-    """The cell's group size, from the config its run saved."""
+def run_config(out: Path, cell: dict):
+    """The config the cell's run saved."""
     from psyche.config import load_run_config
 
-    return load_run_config(cell_dir(out, cell) / "config.toml").grpo.group_size
+    return load_run_config(cell_dir(out, cell) / "config.toml")
+
+
+def group_size(out: Path, cell: dict) -> int:
+    return run_config(out, cell).grpo.group_size
 
 
 def zero_variance_check(out: Path, labels, seeds, cells) -> list[dict] | None:
@@ -384,8 +408,13 @@ def report(out: Path, name: str, labels: list[str], seeds: list[int], cells: dic
     rep = {"name": name, "labels": labels, "seeds": seeds, "cells": {lab: cells[(lab, seeds[0])]["sets"]
                                                                      for lab in labels},
            "table": table, "paired_vs_first": paired, "verdicts": verdicts,
-           "zero_variance_step1": zero_variance_check(out, labels, seeds, cells)}
-    (d / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
+           "zero_variance_step1": zero_variance_check(out, labels, seeds, cells), "notes": []}
+    if any(run_config(out, cells[(lab, seeds[0])]).grpo.dynamic_sampling for lab in labels):
+        rep["notes"].append("With dynamic sampling the update sees only mixed groups: entropy, lengths, KL and clip "
+                            "fractions are measured on them; training accuracy and zero variance on every group "
+                            "of the first round sampled (accuracy_sampled, zero_std_frac_sampled; a run that "
+                            "predates accuracy_sampled: its accuracy on the groups kept).")
+    (d / "report.json").write_text(json.dumps(_nan_to_null(rep), indent=2, allow_nan=False) + "\n")
     (d / "report.md").write_text(markdown(rep))
     return rep
 
@@ -402,6 +431,7 @@ def markdown(rep: dict) -> str:
         lines += ["", f"Paired per-seed differences, `{lab}` − `{labels[0]}` (seeds {', '.join(map(str, seeds))}):", ""]
         lines += [f"- {k}: " + ", ".join(f"{x:+.4g}" for x in rep["paired_vs_first"][lab][k]) for k in POINTS]
         lines += ["", "Verdicts:", ""] + [f"- {v}" for v in rep["verdicts"][lab]]
+    lines += [f"\nNote: {n}" for n in rep.get("notes", [])]
     if rep.get("zero_variance_step1"):
         lines += ["", "Groups whose correctness does not vary (all right or all wrong) at step 1, measured vs "
                   "p^G + (1 − p)^G (p^G from the largest group's pass counts):", "", "| cell | G | measured (per seed) | predicted (per seed) |", "|---|---|---|---|"]
@@ -436,7 +466,8 @@ def plot_curves(out: Path, labels, seeds, cells, path: Path):
             runs = []
             for s in seeds:
                 rows = read_metrics(cell_dir(out, cells[(lab, s)]))
-                ys = [r.get(key, float("nan")) for r in rows]
+                k = SAMPLED.get(key, key) if rows and SAMPLED.get(key) in rows[0] else key
+                ys = [r.get(k, float("nan")) for r in rows]
                 runs.append(_smooth(ys, SMOOTH) if key in ("accuracy", "reward_mean") else ys)
             n = min(map(len, runs))
             x = list(range(1, n + 1))
@@ -473,7 +504,8 @@ def plot_per_sample(out: Path, labels, seeds, cells, path: Path):
             for r in rows:
                 total += r.get("prompts_drawn", 0) * G
                 xs.append(total)
-            ax.plot(xs, _smooth([r.get("accuracy", float("nan")) for r in rows], SMOOTH), color=f"C{i}",
+            k = "accuracy_sampled" if rows and "accuracy_sampled" in rows[0] else "accuracy"
+            ax.plot(xs, _smooth([r.get(k, float("nan")) for r in rows], SMOOTH), color=f"C{i}",
                     alpha=0.7, label=lab if s == seeds[0] else None)
     ax.set_xlabel("samples generated")
     ax.set_ylabel(f"training accuracy ({SMOOTH}-step mean)")

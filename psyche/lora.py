@@ -17,8 +17,9 @@ and the adapters sit beside them (`...q_proj.lora_A.weight`, `...q_proj.lora_B.w
   `peft.PeftModel.from_pretrained` loads them onto transformers' Qwen2; `load_adapter` reads such a directory
   (PEFT's or psyche's) onto a psyche model; `merged_state_dict` folds the adapters into plain weights for an
   HF export.
-- With dropout 0 the adapters' gradients do not depend on micro-batching or the number of ranks; dropout
-  draws from torch's RNG, which they do change.
+- Dropout acts only where gradients are taken: rollouts and the old and reference log-probs (all under
+  no_grad) see the adapters without it. With dropout 0 the adapters' gradients do not depend on
+  micro-batching or the number of ranks; dropout draws from torch's RNG, which they do change.
 """
 
 from __future__ import annotations
@@ -52,30 +53,33 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         if self.lora_enabled:
-            y = y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+            h = self.lora_dropout(x) if torch.is_grad_enabled() else x  # no dropout in a sampled rollout
+            y = y + self.lora_B(self.lora_A(h)) * self.scaling
         return y
-
-    def delta(self) -> torch.Tensor:
-        """s · B A (out, in): what the adapter adds to the weight."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
 
 def scaling(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-def check_settings(rank: int, alpha: float, dropout: float, targets, where: str = "lora"):
-    """One-line errors for settings that cannot make adapters (the config's validation calls this too)."""
+CONFIG_KEYS = {"rank": "lora.rank", "alpha": "lora.alpha", "dropout": "lora.dropout", "targets": "lora.targets"}
+PEFT_KEYS = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules"}
+
+
+def check_settings(rank: int, alpha: float, dropout: float, targets, where: str = "", keys=CONFIG_KEYS):
+    """One-line errors for settings that cannot make adapters, naming `keys`' name for each (the run config's,
+    or adapter_config.json's with PEFT_KEYS), after `where` (a file) if given."""
+    at = f"{where}: " if where else ""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise LoRAError(f"{where}.rank={rank!r}: the adapters' rank must be an integer >= 1")
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-        raise LoRAError(f"{where}.alpha={alpha!r}: must be a finite number > 0")
+        raise LoRAError(f"{at}{keys['rank']}={rank!r}: the adapters' rank must be an integer >= 1")
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
+        raise LoRAError(f"{at}{keys['alpha']}={alpha!r}: must be a finite number > 0")
     if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
-        raise LoRAError(f"{where}.dropout={dropout!r}: must be in [0, 1)")
+        raise LoRAError(f"{at}{keys['dropout']}={dropout!r}: must be in [0, 1)")
     unknown = [t for t in targets if t not in TARGETS]
     if not targets or unknown or len(set(targets)) != len(targets):
-        raise LoRAError(f"{where}.targets={list(targets)!r}: name each of {', '.join(TARGETS)} at most once"
-                        + (f" ({unknown} is not a linear layer of Qwen2)" if unknown else ""))
+        raise LoRAError(f"{at}{keys['targets']}={list(targets)!r}: name each of {', '.join(TARGETS)} at most once"
+                        + (f" (only the decoder's projections can be adapted, not {unknown})" if unknown else ""))
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS, *, dropout: float = 0.0,
@@ -87,7 +91,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS, *, drop
     for p in model.parameters():
         p.requires_grad_(False)
     names = []
-    for name, mod in model.named_modules():
+    for name, mod in list(model.named_modules()):  # a list: adapters are added as it goes
         if name.rsplit(".", 1)[-1] in targets and type(mod) is nn.Linear:
             dev, dt = mod.weight.device, mod.weight.dtype
             mod.__class__ = LoRALinear
@@ -203,25 +207,31 @@ def read_adapter_config(path) -> dict:
     targets = c.get("target_modules")
     if not isinstance(targets, list):
         raise LoRAError(f"{f}: target_modules must be a list of layer names ({', '.join(TARGETS)}), got {targets!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules"):
         if c.get(key):
-            raise LoRAError(f"{f}: {key} (per-layer ranks or alphas) is not supported")
+            raise LoRAError(f"{f}: {key} is not supported (psyche adapts every layer named in target_modules, "
+                            "with one rank and alpha)")
     if c.get("use_dora") or c.get("modules_to_save") or c.get("bias", "none") != "none":
         raise LoRAError(f"{f}: only plain LoRA (no DoRA, no modules_to_save, bias \"none\") is supported")
-    try:
-        check_settings(c.get("r"), c.get("lora_alpha"), c.get("lora_dropout", 0.0), targets, where=str(f))
-    except LoRAError as e:
-        raise LoRAError(str(e).replace(f"{f}.rank", f"{f}: r").replace(f"{f}.alpha", f"{f}: lora_alpha")
-                        .replace(f"{f}.dropout", f"{f}: lora_dropout").replace(f"{f}.targets", f"{f}: target_modules"))
+    check_settings(c.get("r"), c.get("lora_alpha"), c.get("lora_dropout", 0.0), targets, where=str(f), keys=PEFT_KEYS)
     return c
 
 
+def check_init_matches(lora):
+    """lora.init's adapter must be the one the config describes (rank, alpha, rsLoRA, targets), else a
+    LoRAError naming the key; dropout is the run's own (a training setting, not part of the adapter)."""
+    c = read_adapter_config(lora.init)
+    pairs = (("lora.rank", lora.rank, "r", c["r"]), ("lora.alpha", float(lora.alpha), "lora_alpha", float(c["lora_alpha"])),
+             ("lora.rslora", bool(lora.rslora), "use_rslora", bool(c.get("use_rslora"))),
+             ("lora.targets", sorted(lora.targets), "target_modules", sorted(c["target_modules"])))
+    for key, ours, theirs_key, theirs in pairs:
+        if ours != theirs:
+            raise LoRAError(f"{key}={ours!r}, but lora.init's adapter has {theirs_key} {theirs!r} "
+                            f"({Path(lora.init) / ADAPTER_CONFIG}); set {key} to match")
+
+
 def settings(lora) -> dict:
-    """add_lora's arguments for a LoraSection: its own, or those of the adapter it starts from (lora.init)."""
-    if lora.init:
-        c = read_adapter_config(lora.init)
-        return dict(rank=c["r"], alpha=c["lora_alpha"], targets=c["target_modules"],
-                    dropout=c.get("lora_dropout", 0.0), rslora=bool(c.get("use_rslora")))
+    """add_lora's arguments for a LoraSection (a lora.init adapter is checked to match them)."""
     return dict(rank=lora.rank, alpha=lora.alpha, targets=lora.targets, dropout=lora.dropout, rslora=lora.rslora)
 
 
@@ -231,12 +241,21 @@ def load_adapter(model: nn.Module, path, *, seed: int = 0) -> list[str]:
     c = read_adapter_config(path)
     names = add_lora(model, c["r"], c["lora_alpha"], c["target_modules"], dropout=c.get("lora_dropout", 0.0),
                      rslora=bool(c.get("use_rslora")), seed=seed)
-    load_adapter_tensors(model, path, c["target_modules"])
+    load_adapter_tensors(model, path)
     return names
 
 
-def load_adapter_tensors(model: nn.Module, path, targets=()):
-    """Copy the adapter tensors of `path` into the model's LoRA layers, each checked by name and shape."""
+def load_adapter_tensors(model: nn.Module, path):
+    """Copy the adapter tensors of `path` into the model's LoRA layers (read_adapter_tensors checks them)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in read_adapter_tensors(path, {n: p.shape for n, p in params.items()}).items():
+            params[name].copy_(t.to(params[name].dtype))
+
+
+def read_adapter_tensors(path, shapes: dict) -> dict[str, torch.Tensor]:
+    """The adapter tensors of `path` under the model's parameter names, each checked against `shapes` (the
+    model's {parameter name: global shape}): no unknown tensor, no wrong shape, none missing."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -247,25 +266,21 @@ def load_adapter_tensors(model: nn.Module, path, targets=()):
         tensors = load_file(str(f))
     except SafetensorError as e:
         raise LoRAError(f"{f}: corrupt or truncated safetensors file ({e})") from None
-    params = dict(model.named_parameters())
-    want = {n for n in params if n.endswith((".lora_A.weight", ".lora_B.weight"))}
-    seen = set()
-    with torch.no_grad():
-        for key, t in tensors.items():
-            name = key.removeprefix(PEFT_PREFIX).replace(".lora_A.default.", ".lora_A.").replace(
-                ".lora_B.default.", ".lora_B.")
-            if name not in want:
-                raise LoRAError(f"{f}: tensor {key!r} is not an adapter of this model (its targets: "
-                                f"{', '.join(targets)})")
-            p = params[name]
-            if tuple(t.shape) != tuple(p.shape):
-                raise LoRAError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, the model's layer expects "
-                                f"{tuple(p.shape)} (an adapter of another base model?)")
-            p.copy_(t.to(p.dtype))
-            seen.add(name)
-    missing = sorted(want - seen)
+    want = {n: tuple(s) for n, s in shapes.items() if n.endswith((".lora_A.weight", ".lora_B.weight"))}
+    out = {}
+    for key, t in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX).replace(".lora_A.default.", ".lora_A.").replace(
+            ".lora_B.default.", ".lora_B.")
+        if name not in want:
+            raise LoRAError(f"{f}: tensor {key!r} is not an adapter of this model's adapted layers")
+        if tuple(t.shape) != want[name]:
+            raise LoRAError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, the model's layer expects "
+                            f"{want[name]} (an adapter of another base model?)")
+        out[name] = t
+    missing = sorted(set(want) - set(out))
     if missing:
         raise LoRAError(f"{f}: missing adapter tensor(s) {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    return out
 
 
 def merged_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

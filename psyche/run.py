@@ -76,7 +76,7 @@ def build_model_for_training(init_dir: Path, device: torch.device, *, compute_dt
         if use_lora:
             add_lora(model, **settings(lora), seed=seed)
             if lora.init and model.lm_head.weight.device.type != "meta":
-                load_adapter_tensors(model, lora.init, lora.targets)
+                load_adapter_tensors(model, lora.init)
 
     if dist.get_world_size() == 1:
         from psyche.weights import load_pretrained
@@ -107,18 +107,14 @@ def build_model_for_training(init_dir: Path, device: torch.device, *, compute_dt
 
 
 def _adapter_values(model: nn.Module, lora, seed: int) -> dict:
-    """The adapters' starting values for rank 0's full state dict: lora.init's tensors, else init_state."""
-    from psyche.lora import PEFT_PREFIX, init_state
+    """The adapters' starting values for rank 0's full state dict: lora.init's tensors (checked as on one
+    rank), else init_state."""
+    from psyche.lora import init_state, read_adapter_tensors
 
-    values = init_state(model, seed)
     if lora.init:
-        from safetensors.torch import load_file
-
-        from psyche.lora import ADAPTER_WEIGHTS
-
-        for k, t in load_file(str(Path(lora.init) / ADAPTER_WEIGHTS)).items():
-            values[k.removeprefix(PEFT_PREFIX)] = t.float()
-    return values
+        return {k: t.float() for k, t in read_adapter_tensors(lora.init, {n: p.shape for n, p in
+                                                                         model.named_parameters()}).items()}
+    return init_state(model, seed)
 
 
 def check_finite_weights(model: nn.Module, source: Path):

@@ -246,14 +246,12 @@ def check_lora(cfg: RunConfig):
     if lo.rank == 0:
         _need(not lo.init, "lora.init", lo.init, "an adapter to start from needs lora.rank > 0 (it sets the rank)")
         return
-    from psyche.lora import LoRAError, check_settings, read_adapter_config
+    from psyche.lora import LoRAError, check_init_matches, check_settings
 
     try:
         check_settings(lo.rank, lo.alpha, lo.dropout, lo.targets)
         if lo.init:
-            c = read_adapter_config(lo.init)
-            _need(c["r"] == lo.rank and sorted(c["target_modules"]) == sorted(lo.targets), "lora.init", lo.init,
-                  f"the adapter has rank {c['r']} on {c['target_modules']}; set lora.rank and lora.targets to match")
+            check_init_matches(lo)
     except LoRAError as e:
         raise ConfigError(str(e)) from None
     _need(cfg.grpo.ref_reset_every == 0, "grpo.ref_reset_every", cfg.grpo.ref_reset_every,
@@ -362,6 +360,9 @@ def check_grpo(cfg: RunConfig, world: int | None = None, files: bool = True):
     g = cfg.grpo
     check_sections(cfg)
     check_grpo_batch(cfg, world)
+    _need(not cfg.lora.init, "lora.init", cfg.lora.init,
+          "GRPO's reference would be the base without this adapter, not the policy GRPO starts from; start GRPO "
+          "from the merged model instead (a LoRA SFT run's hf/) with fresh adapters")
     if files:
         _paths("grpo.paths", g.paths)
         init = g.init or cfg.model.init

@@ -1,6 +1,7 @@
 """The GRPO lab: its teachers, its bench, the new rollout metrics, and a reduced ablation end to end."""
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -111,3 +112,32 @@ def test_a_reduced_ablation_writes_a_well_formed_report_and_resumes(tmp_path, mo
     lab.run_ablation("grpo.group_size=4,2", [0, 1], tmp_path, extra=extra, size=size, log=lambda m: None)
     assert (d / "report.md").read_text() == md
     assert Path(tmp_path / "bench" / "s1" / "sft" / "hf" / "config.json").is_file()
+
+
+def test_end_points_read_every_sampled_group_and_never_divide_by_zero_samples(tmp_path):
+    """cell_points on a hand-made run: training accuracy and zero variance from what was sampled (as dynamic
+    sampling logs them before keeping only mixed groups), the means over the last steps, the incorrect
+    length's change over the first and last steps, NaN (JSON null) for a per-sample gain without samples."""
+    import psyche.lab as lab
+    from psyche.config import RunConfig, to_toml
+
+    d = tmp_path / "cells" / "default" / "s0" / "grpo"
+    d.mkdir(parents=True)
+    cfg = RunConfig()
+    cfg.grpo.group_size = 4
+    (d / "config.toml").write_text(to_toml(cfg))
+    rows = [{"step": i + 1, "accuracy": 0.9, "accuracy_sampled": 0.1 * i, "zero_std_frac": 0.0,
+             "zero_std_frac_sampled": 0.5, "entropy": 1.0 - 0.1 * i, "length_incorrect_mean": 10.0 + i,
+             "prompts_drawn": 3} for i in range(10)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cell = {"sets": [], "seed": 0, "heldout_accuracy": 0.5, "sft_heldout": 0.25, "wall_s": 1.0}
+    p = lab.cell_points(tmp_path, cell)
+    assert p["train_accuracy_end"] == pytest.approx(0.7)  # mean of 0.5 .. 0.9 (accuracy_sampled)
+    assert p["zero_std_frac_step1"] == 0.5 and p["entropy_start"] == 1.0
+    assert p["length_incorrect_change"] == pytest.approx(5.0)  # mean(15..19) - mean(10..14)
+    assert p["generated_samples"] == 120 and p["heldout_per_1k_samples"] == pytest.approx(1000 * 0.25 / 120)
+    (d / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "prompts_drawn"}) + "\n"
+                                             for r in rows))
+    p = lab.cell_points(tmp_path, cell)
+    assert math.isnan(p["heldout_per_1k_samples"])
+    assert lab._nan_to_null({"a": [p["heldout_per_1k_samples"], 1.0]}) == {"a": [None, 1.0]}

@@ -177,10 +177,25 @@ def test_lora_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     assert strip(read_metrics(out)) == strip(read_metrics(tmp_path / "ref"))
 
 
-def test_grpo_with_lora_uses_the_base_as_its_reference(tmp_path):
+def test_dropout_acts_only_where_gradients_are_taken():
+    """A rollout (no_grad) sees the adapters without dropout, even with the model in train mode; a step with
+    gradients draws the dropout mask."""
+    cfg = tiny_config()
+    m = psyche_from_hf(hf_model(cfg, seed=0), cfg)
+    add_lora(m, 4, 8.0, dropout=0.5)
+    _randomise_b(m)
+    x = _x(cfg)
+    with torch.no_grad():
+        want = m.eval()(x)
+        m.train()
+        assert torch.equal(m(x), want) and torch.equal(m(x), want)
+    assert not torch.allclose(m(x), want, atol=1e-4)  # with gradients: dropout on
+
+
+def test_grpo_with_lora_uses_the_base_as_its_reference_and_replays_exactly(tmp_path):
     """No reference copy: the KL to the reference starts at 0 (adapters at B = 0 are the base), grows as the
-    adapters learn, and the run exports its adapters."""
-    r = _train(tmp_path / "run", "grpo.steps=2", "checkpoint.every=0", stage="grpo")
+    adapters learn, and the run exports its adapters; `psyche replay` rebuilds a LoRA run's step bit for bit."""
+    r = _train(tmp_path / "run", "grpo.steps=2", "checkpoint.every=0", "grpo.replay_steps=[2]", stage="grpo")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "reference the policy with its adapters off" in r.stdout
     from psyche.metrics import read_metrics
@@ -188,6 +203,10 @@ def test_grpo_with_lora_uses_the_base_as_its_reference(tmp_path):
     rows = read_metrics(tmp_path / "run")
     assert len(rows) == 2 and abs(rows[0]["kl_exact"]) < 1e-7 and rows[1]["kl_exact"] > 0
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    from psyche.analysis import replay
+
+    rep = replay(tmp_path / "run" / "replay" / "step_0002")["replayed"]
+    assert rep["loss"] == rows[1]["loss"] and rep["grad_norm"] == rows[1]["grad_norm"]
 
 
 @pytest.mark.dist
@@ -218,7 +237,8 @@ def test_bad_settings_and_adapters_are_one_line_errors(tmp_path):
     m = psyche_from_hf(hf_model(cfg, seed=0), cfg)
     with pytest.raises(LoRAError, match=r"lora.rank=0: the adapters' rank must be an integer >= 1"):
         add_lora(m, 0, 8.0)
-    with pytest.raises(LoRAError, match=r"lora.targets=\['q_proj', 'qkv'\].*\['qkv'\] is not a linear layer"):
+    with pytest.raises(LoRAError, match=r"lora.targets=\['q_proj', 'qkv'\].*only the decoder's projections can be "
+                                        r"adapted, not \['qkv'\]"):
         add_lora(m, 4, 8.0, ["q_proj", "qkv"])
     add_lora(m, 4, 8.0, ["q_proj"])
     save_adapter(tmp_path / "a", m.state_dict(), adapter_config(4, 8.0, ["q_proj"], 0.0, False))
@@ -231,3 +251,46 @@ def test_bad_settings_and_adapters_are_one_line_errors(tmp_path):
                                                                       "target_modules": "q_proj|v_proj"}))
     with pytest.raises(LoRAError, match="target_modules must be a list"):
         load_adapter(psyche_from_hf(hf_model(cfg, seed=0), cfg), tmp_path / "a")
+    c = adapter_config(4, 8.0, ["q_proj"], 0.0, False)
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**c, "layers_to_transform": [0]}))
+    with pytest.raises(LoRAError, match="layers_to_transform is not supported"):
+        load_adapter(psyche_from_hf(hf_model(cfg, seed=0), cfg), tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**c, "lora_alpha": 0}))
+    with pytest.raises(LoRAError, match=r"adapter_config.json: lora_alpha=0: must be a finite number > 0"):
+        load_adapter(psyche_from_hf(hf_model(cfg, seed=0), cfg), tmp_path / "a")
+
+
+def test_an_adapter_to_start_from_is_checked_on_one_rank_and_on_several(tmp_path):
+    """lora.init: its rank, alpha, rsLoRA and targets must be the config's (one line naming the key); GRPO refuses
+    it (the reference would not be the starting policy); the multi-rank loader checks its tensors as one rank."""
+    from psyche.config import ConfigError, load_run_config
+    from psyche.run import _adapter_values
+    from psyche.validate import check_sections, check_stage
+
+    cfg = tiny_config()
+    m = psyche_from_hf(hf_model(cfg, seed=0), cfg)
+    add_lora(m, 4, 8.0, ["q_proj", "v_proj"])
+    save_adapter(tmp_path / "a", m.state_dict(), adapter_config(4, 8.0, ["q_proj", "v_proj"], 0.0, False))
+    init = json.dumps(str(tmp_path / "a"))
+    base = ["lora.rank=4", "lora.alpha=8.0", 'lora.targets=["q_proj", "v_proj"]', f"lora.init={init}"]
+    check_sections(load_run_config("configs/tiny-sft.toml", base))  # the adapter the config describes: fine
+    for bad, msg in [("lora.alpha=16.0", r"lora.alpha=16.0, but lora.init's adapter has lora_alpha 8.0"),
+                     ("lora.rslora=true", r"lora.rslora=True, but lora.init's adapter has use_rslora False"),
+                     ('lora.targets=["q_proj"]', r"lora.targets=\['q_proj'\], but lora.init's adapter has "
+                                                 r"target_modules \['q_proj', 'v_proj'\]")]:
+        with pytest.raises(ConfigError, match=msg):
+            check_sections(load_run_config("configs/tiny-sft.toml", base + [bad]))
+    with pytest.raises(ConfigError, match=r"lora.init=.*GRPO's reference would be the base without this adapter"):
+        check_stage(load_run_config("configs/tiny-grpo.toml", base), "grpo", world=1, files=False)
+    # several ranks: rank 0 reads the adapter's tensors through the same checks (here: one is missing)
+    from safetensors.torch import load_file, save_file
+
+    f = tmp_path / "a" / "adapter_model.safetensors"
+    t = load_file(f)
+    save_file({k: v for k, v in t.items() if "layers.0.self_attn.v_proj" not in k}, f)
+    lo = load_run_config("configs/tiny-sft.toml", base).lora
+    fresh = psyche_from_hf(hf_model(cfg, seed=0), cfg)
+    add_lora(fresh, 4, 8.0, ["q_proj", "v_proj"])
+    with pytest.raises(LoRAError, match=r"adapter_model.safetensors: missing adapter tensor\(s\) "
+                                        r"\['model.layers.0.self_attn.v_proj.lora_A.weight'"):
+        _adapter_values(fresh, lo, seed=0)

@@ -164,6 +164,8 @@ def gather_rollouts(policy, prompts, stream, gc, tok, reward_set, *, seed, step,
     b = sample_groups(policy, prompts, [glob[p] for p in mine], gc, tok, reward_set, seeds[rows])
     zs = zero_std_groups(b.rewards, G).tolist()
     info = {"zero_std_frac_sampled": sum(zs) / len(zs), "prompts_drawn": len(mine)}
+    if "accuracy" in b.reward_parts:  # before dynamic sampling keeps only mixed groups: comparable across runs
+        info["accuracy_sampled"] = float(b.reward_parts["accuracy"].mean())
     if not gc.dynamic_sampling:
         return b, info
     kept = [select_groups(b, [g for g, z in enumerate(zs) if not z])]

@@ -210,6 +210,14 @@ class Run:
         self.t_start = time.time()
 
     @property
+    def params(self) -> str:
+        """The model's size for the start line, and what trains when that is not all of it (LoRA)."""
+        total = self.model_cfg.num_params()
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # global sizes (DTensor too)
+        return f"{total:,} parameters" + (f" + {trainable:,} trainable (the adapters; the base frozen)"
+                                          if trainable < sum(p.numel() for p in self.model.parameters()) else "")
+
+    @property
     def precision(self) -> str:
         how = f"FSDP2 over {dist.get_world_size()} ranks" if dist.is_sharded(self.model) else "unsharded"
         by = "MixedPrecisionPolicy" if dist.is_sharded(self.model) else "autocast"

@@ -90,7 +90,7 @@ def run_sft(cfg: RunConfig, on_step=None) -> Path:
                          seed=cfg.run.seed)
     total = sc.max_steps if sc.max_steps > 0 else math.ceil(sc.epochs * batches.steps_per_epoch)
     run = Run(cfg, init_dir, device, cfg.optim, total)
-    dist.print0(f"model: {run.model_cfg.num_params():,} parameters from {init_dir}; {run.precision}\n"
+    dist.print0(f"model: {run.params} from {init_dir}; {run.precision}\n"
                 f"batch: {global_batch} {'packed rows' if cfg.data.packing else 'samples'} per step = "
                 f"{sc.micro_batch} per micro-batch x {batches.accum} accumulation x {world} ranks; "
                 f"{batches.steps_per_epoch} steps per epoch, {total} steps, {run.warmup} warm-up")

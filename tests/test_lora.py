@@ -198,6 +198,7 @@ def test_grpo_with_lora_uses_the_base_as_its_reference_and_replays_exactly(tmp_p
     r = _train(tmp_path / "run", "grpo.steps=2", "checkpoint.every=0", "grpo.replay_steps=[2]", stage="grpo")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "reference the policy with its adapters off" in r.stdout
+    assert "trainable (the adapters; the base frozen)" in r.stdout
     from psyche.metrics import read_metrics
 
     rows = read_metrics(tmp_path / "run")

@@ -391,8 +391,8 @@ def run_grpo(cfg: RunConfig) -> Path:
              if frozen_ref is None else "on CPU" if gc.ref_offload else f"on {device}")
     dist.print0(f"grpo: {len(prompts)} prompts ({too_long} dropped as longer than {gc.max_prompt_length} tokens); "
                 f"{gc.prompts_per_step} prompts x {gc.group_size} samples per step, {gc.prompts_per_step // mini} "
-                f"updates per pass, {gc.ppo_epochs} pass(es); {total} steps; policy {run.model_cfg.num_params():,} "
-                f"parameters from {init_dir}, {run.precision}; reference {where}")
+                f"updates per pass, {gc.ppo_epochs} pass(es); {total} steps; policy {run.params} "
+                f"from {init_dir}, {run.precision}; reference {where}")
     state = run.resume({"reference": frozen_ref} if frozen_ref is not None else None)
     if state:
         dist.print0(f"resumed from {run.resumed} at step {run.start}")

@@ -126,8 +126,8 @@ CASES = [
     Case("LoRA rank below 0", sft("lora.rank=-1"), "lora.rank=-1: must be >= 0", True),
     Case("LoRA target that does not exist", sft("lora.rank=4", 'lora.targets=["q_proj", "qkv"]'),
          "lora.targets=['q_proj', 'qkv']: name each of q_proj", True),
-    Case("LoRA adapter of another base model", sft("lora.rank=4", 'lora.targets=["q_proj"]', 'model.init="{ckpt}"',
-                                                   'lora.init="{adapter}"'),
+    Case("LoRA adapter of another base model", sft("lora.rank=4", "lora.alpha=8.0", 'lora.targets=["q_proj"]',
+                                                   'model.init="{ckpt}"', 'lora.init="{adapter}"'),
          "{adapter}/adapter_model.safetensors: tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' "
          "has shape"),
     Case("unknown preset", sft('model.init="preset:huge"'), "model.init='preset:huge': unknown preset 'huge'", True),

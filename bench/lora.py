@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
 
 CHILD = r"""
 import json, resource, sys, torch
@@ -95,7 +93,10 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args()
-    shape = {**QWEN25_05B, "num_hidden_layers": a.layers}
+    sys.path.insert(0, str(ROOT))
+    from psyche.model_config import PRESETS
+
+    shape = {**PRESETS["qwen2.5-0.5b"], "num_hidden_layers": a.layers}
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     print(f"Qwen2.5-0.5B's shapes ({a.layers} layers), CPU, fp32, torch threads {threads}", flush=True)
     full = train_figures(shape, 0, a.batch, a.seq)

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from psyche.model_config import ModelConfig
+from psyche.model_config import PRESETS, ModelConfig
 from psyche.model import build_model
 from psyche.sampler import generate
 
@@ -32,14 +32,11 @@ CONFIGS = {
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True),
     # bandwidth-bound: Qwen2.5-0.5B shapes with 4 layers; the 151,936-row tied embedding dominates
-    "0.5b-4l": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=4, num_attention_heads=14,
-                    num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "0.5b-4l": {**PRESETS["qwen2.5-0.5b"], "num_hidden_layers": 4},
     # Qwen2.5-0.5B's shapes whole (24 layers): the GPU figures (bash bench/gpu_check.sh)
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "0.5b": PRESETS["qwen2.5-0.5b"],
     # Qwen2.5-7B's shapes (15 GB in bf16): batch 1 against the HBM bound, on a GPU
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "7b": PRESETS["qwen2.5-7b"],
 }
 DEFAULT = ("tiny", "0.5b-4l")  # what `--config all` runs
 # HBM peak bandwidth (bytes/s) by a substring of torch.cuda.get_device_name()

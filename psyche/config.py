@@ -126,7 +126,7 @@ def _grpo_optim():
 
 @dataclass
 class GRPOSection:
-    """GRPO knobs (see psyche/grpo/loss.py for the formulas). Defaults: Psyche-R1's recipe where it states one
+    """GRPO knobs (see psyche/grpo/ for the formulas). Defaults: Psyche-R1's recipe where it states one
     (total batch 128, mini-batch 32, KL loss 0.001, lr 1e-6, 10 warm-up steps, 2 epochs)."""
 
     paths: list[str] = field(default_factory=list)  # JSONL/JSON: MC items {question, options, answer}, or
@@ -170,7 +170,7 @@ class GRPOSection:
     loss_agg: str = variant("token-mean")  # psyche/grpo/loss.py AGGS
     norm_length: int = 0  # seq-mean-token-sum-norm's constant; 0: max_new_tokens
     kl_coef: float = 0.001
-    kl_kind: str = variant("k3")  # psyche/grpo/loss.py KL_KINDS
+    kl_kind: str = variant("k3")  # psyche/grpo/kl.py KL_KINDS
     kl_mode: str = choices("loss", "loss", "reward")  # β·KL in the loss, or −β·Σ_t KL_t in the reward
     ref_offload: bool = False  # keep the reference model on the CPU between uses
     ref_reset_every: int = 0  # > 0: copy the policy into the reference every N steps

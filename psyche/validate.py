@@ -192,7 +192,8 @@ def _advantage(g):
 
 def _policy_loss(g):
     """The variants' own parameters, and what only some variants take (their registry entries say)."""
-    from psyche.grpo.loss import POLICY_LOSSES, ROLLOUT_CORRECTIONS
+    from psyche.grpo.correction import ROLLOUT_CORRECTIONS
+    from psyche.grpo.loss import POLICY_LOSSES
 
     def owners(param):  # the policy losses that take `param`
         return " or ".join(repr(n) for n, pl in POLICY_LOSSES.items() if param in pl.params.values())

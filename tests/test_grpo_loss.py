@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from psyche.grpo.loss import aggregate, compute_advantages, exact_kl, kl_estimate, policy_loss, zero_std_groups
+from psyche.grpo.kl import exact_kl, kl_estimate
+from psyche.grpo.loss import aggregate, compute_advantages, policy_loss, zero_std_groups
 
 
 def t(*x):

@@ -1,9 +1,10 @@
-"""GRPO, in five files, from the math outwards:
+"""GRPO, in seven files, from the math outwards:
 
     advantages.py   the advantage estimators, one registered function each (ESTIMATORS)
-    loss.py         the formulas as tensor functions: KL estimators, the policy losses, aggregations, rollout
-                    corrections (each family a registry), and `objective`, which puts them together into
-                    the loss that trains
+    kl.py           the KL estimators k1/k2/k3 (KL_KINDS) and the exact KL from logits
+    correction.py   rollout corrections: importance weights for the sampler-trainer gap (ROLLOUT_CORRECTIONS)
+    loss.py         the policy losses and aggregations as tensor functions (a registry each), and `objective`,
+                    which puts them together with the KL and the correction into the loss that trains
     step.py         one update: the rollout batch (RolloutBatch), its log-probs, rewards shaping, the
                     micro-batched update with global normalisation, and how each logged metric combines
     loop.py         the stage (`python train.py --stage grpo`): prompts, rollouts, dynamic sampling, the

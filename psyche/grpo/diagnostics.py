@@ -44,7 +44,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from psyche import dist
-from psyche.grpo.loss import AGGS, KL_KINDS, POLICY_LOSSES, kl_estimate, objective
+from psyche.grpo.kl import KL_KINDS, kl_estimate
+from psyche.grpo.loss import AGGS, POLICY_LOSSES, objective
 
 POS_EDGES = (0, 4, 16, 64, 256, 1024)  # completion-position buckets [0,4) [4,16) ... [1024, ∞)
 SIGNS = (("adv_pos", 1), ("adv_neg", -1), ("adv_zero", 0))

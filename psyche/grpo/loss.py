@@ -1,5 +1,6 @@
-"""GRPO's math as plain tensor functions: advantages, KL estimators, the clipped policy loss, aggregation,
-and `objective`, the one place where they are put together into the loss that trains.
+"""GRPO's loss as plain tensor functions: the policy losses (the clipped surrogate and its variants), their
+aggregation, and `objective`, the one place where these, the KL penalty (kl.py) and the rollout correction
+(correction.py) are put together into the loss that trains. The advantages come from advantages.py.
 
 Nothing here knows about models or sampling, so each function can be checked by hand and compared with
 other implementations. Notation: G completions per prompt, reward r_i, per-token log-probs lp (current
@@ -17,58 +18,12 @@ from typing import Callable
 import torch
 
 from psyche.grpo.advantages import ESTIMATORS, _one_process, compute_advantages, zero_std_groups  # noqa: F401
-
-
-def _registrar(registry: dict, make):
-    """A decorator factory that records a function in `registry` under a name, with `make(fn, **facts)`."""
-    def register(name: str, **facts):
-        def deco(fn):
-            registry[name] = make(fn, **facts)
-            return fn
-        return deco
-    return register
+from psyche.grpo.correction import LOG_RATIO_BOUND, ROLLOUT_CORRECTIONS, frac, rollout_correction
+from psyche.grpo.kl import KL_KINDS, kl_estimate
 
 
 def _summary(fn) -> str:
     return (fn.__doc__ or fn.__name__).strip().splitlines()[0]
-
-
-# ---- KL estimators (grpo.kl_kind) ----
-
-@dataclass(frozen=True)
-class KLKind:
-    fn: Callable  # d = lp_ref − lp (per token) -> estimate
-    summary: str
-
-
-KL_KINDS: dict[str, KLKind] = {}
-kl_kind = _registrar(KL_KINDS, lambda fn: KLKind(fn, _summary(fn)))
-
-
-@kl_kind("k1")
-def _k1(d):
-    """k1 = −d = lp − lp_ref: unbiased, high variance, can be negative"""
-    return -d
-
-
-@kl_kind("k2")
-def _k2(d):
-    """k2 = ½ d²: biased, low variance, ≥ 0"""
-    return 0.5 * d * d
-
-
-@kl_kind("k3")
-def _k3(d):
-    """k3 = exp(d) − d − 1: unbiased, low variance, ≥ 0 (Schulman's estimator, used by GRPO)"""
-    return torch.exp(d) - d - 1
-
-
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token estimates of KL(π || π_ref) from samples of π, with d = lp_ref − lp, by the registered kind
-    (KL_KINDS: k1, k2, k3). No clamping: values are returned as computed."""
-    if kind not in KL_KINDS:
-        raise ValueError(f"kl kind must be one of {tuple(KL_KINDS)}, got {kind!r}")
-    return KL_KINDS[kind].fn(ref_logp - logp)
 
 
 # ---- aggregations (grpo.loss_agg) ----
@@ -90,7 +45,14 @@ class Counts:
 
 
 AGGS: dict[str, Aggregation] = {}
-aggregation = _registrar(AGGS, lambda fn: Aggregation(fn, _summary(fn)))
+
+
+def aggregation(name: str):
+    """Register an aggregation: `fn(values·mask, mask, Counts)` -> the 0-d loss."""
+    def deco(fn):
+        AGGS[name] = Aggregation(fn, _summary(fn))
+        return fn
+    return deco
 
 
 @aggregation("token-mean")
@@ -196,7 +158,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
         loss_tok = torch.where(A < 0, torch.minimum(loss_tok, bound), loss_tok)
     loss = _weighted(loss_tok, mask, agg, weights, norm_length=norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
     with torch.no_grad():
-        stats = {**_clip_stats(ratio, A, mask, clip_low, clip_high), "dual_clip_frac": _frac(dual, mask.bool())}
+        stats = {**_clip_stats(ratio, A, mask, clip_low, clip_high), "dual_clip_frac": frac(dual, mask.bool())}
     return loss, stats
 
 
@@ -219,13 +181,8 @@ def _ppo_tokens(logp, old_logp, advantages, mask, clip_low, clip_high, ratio_lev
 def _clip_stats(ratio, A, mask, clip_low, clip_high) -> dict:
     """clip_frac_low / clip_frac_high (the tokens whose gradient PPO's clip removed) and the ratio's stats."""
     mb = mask.bool()
-    return {"clip_frac_low": _frac((ratio < 1 - clip_low) & (A < 0), mb),
-            "clip_frac_high": _frac((ratio > 1 + clip_high) & (A > 0), mb), **_ratio_stats(ratio, mb)}
-
-
-def _frac(x: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
-    """Fraction of masked positions where x holds, a 0-d float64 tensor (no sync)."""
-    return (x & mb).sum().double() / mb.sum().clamp(min=1).double()
+    return {"clip_frac_low": frac((ratio < 1 - clip_low) & (A < 0), mb),
+            "clip_frac_high": frac((ratio > 1 + clip_high) & (A > 0), mb), **_ratio_stats(ratio, mb)}
 
 
 def _ratio_stats(ratio: torch.Tensor, mb: torch.Tensor) -> dict:
@@ -240,9 +197,6 @@ def _ratio_stats(ratio: torch.Tensor, mb: torch.Tensor) -> dict:
 # Each returns (loss, stats) like `policy_loss`, takes the same aggregation arguments and the same optional
 # rollout-correction weights (multiplied into the per-token loss, as verl does), and follows verl 0.9.1's
 # core_algos; where it differs, its docstring says so.
-
-LOG_RATIO_BOUND = 20.0  # log-ratios are clamped to ±20 before exp where verl does (cispo, sapo, IS weights)
-
 
 def _weighted(loss_tok, mask, agg, weights, **counts):
     """aggregate(w · ℓ): the per-token loss times the rollout-correction weights (when given)."""
@@ -271,7 +225,7 @@ def cispo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2,
     loss = _weighted(loss_tok, mask, agg, weights, norm_length=norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
     with torch.no_grad():
         mb = mask.bool()
-        stats = {"clip_frac_low": _frac(ratio < 1 - clip_low, mb), "clip_frac_high": _frac(ratio > 1 + clip_high, mb),
+        stats = {"clip_frac_low": frac(ratio < 1 - clip_low, mb), "clip_frac_high": frac(ratio > 1 + clip_high, mb),
                  **_ratio_stats(ratio, mb)}
     return loss, stats
 
@@ -316,8 +270,8 @@ def gmpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.4, clip_high=0.4, 
     with torch.no_grad():
         mb = mask.bool()
         clipped = d != d_clamp
-        stats = {"clip_frac_low": _frac(clipped & (A < 0)[:, None], mb),
-                 "clip_frac_high": _frac(clipped & (A > 0)[:, None], mb),
+        stats = {"clip_frac_low": frac(clipped & (A < 0)[:, None], mb),
+                 "clip_frac_high": frac(clipped & (A > 0)[:, None], mb),
                  **_ratio_stats(ratio[:, None].expand_as(logp), mb)}
     return loss, stats
 
@@ -416,7 +370,7 @@ def clip_cov_loss(logp, old_logp, advantages, mask, selected, *, clip_low=0.2, c
     stats = _clip_stats(ratio, advantages.to(logp.dtype)[:, None], mask, clip_low, clip_high)
     loss_tok = loss_tok * (~selected).to(loss_tok.dtype)
     loss = _weighted(loss_tok, mask, agg, weights, norm_length=norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
-    stats["cov_frac"] = _frac(selected, mask.bool())
+    stats["cov_frac"] = frac(selected, mask.bool())
     return loss, stats
 
 
@@ -437,84 +391,7 @@ def kl_cov_loss(logp, old_logp, advantages, mask, selected, *, coef=0.1, agg="to
     A = advantages.to(logp.dtype)[:, None]
     loss_tok = -A * ratio + coef * log_ratio.abs() * selected.to(logp.dtype)
     loss = _weighted(loss_tok, mask, agg, weights, norm_length=norm_length, n_tokens=n_tokens, n_seqs=n_seqs)
-    return loss, {**_unclipped_stats(ratio, mask), "cov_frac": _frac(selected, mask.bool())}
-
-
-# ---- rollout correction (grpo.rollout_correction) ----
-
-@dataclass(frozen=True)
-class RolloutCorrection:
-    fn: Callable  # (raw weights (B, T), mask (B, T) bool, threshold, low) -> (w, truncated, dropped)
-    level: str  # "token" or "sequence": the weight of each token, or of the whole row
-    band: bool  # weights outside [low, threshold] are dropped (else: truncated at threshold)
-    summary: str
-
-
-ROLLOUT_CORRECTIONS: dict[str, RolloutCorrection] = {}  # beside them, "none": no correction
-
-
-def correction(name: str, *, level: str, band: bool):
-    """Register a rollout correction: `fn` turns raw importance weights into the weights the loss uses."""
-    def deco(fn):
-        ROLLOUT_CORRECTIONS[name] = RolloutCorrection(fn, level, band, f"{_summary(fn)}, per {level}")
-        return fn
-    return deco
-
-
-@correction("seq_tis", level="sequence", band=False)
-@correction("tis", level="token", band=False)
-def truncated_is(raw, mb, threshold, low):
-    """w ← min(w, threshold): truncated IS"""
-    return raw.clamp(max=threshold), (raw > threshold) & mb, torch.zeros_like(mb)
-
-
-@correction("seq_mis", level="sequence", band=True)
-@correction("mis", level="token", band=True)
-def masked_is(raw, mb, threshold, low):
-    """w ← w · [low ≤ w ≤ threshold]: masked IS (IcePop), what leaves the band gets 0"""
-    keep = (raw >= low) & (raw <= threshold)
-    return torch.where(keep, raw, torch.zeros_like(raw)), torch.zeros_like(mb), ~keep & mb
-
-
-def rollout_correction(trainer_logp, sampler_logp, mask, mode: str, *, threshold: float = 2.0, low: float = 0.5):
-    """Importance weights against the sampler-trainer mismatch (the sampler's kernels, batch shapes or
-    precision make its π_sampler differ from the π_old the trainer computes for the same weights):
-
-        δ_{i,t} = lp_old − lp_sampler;   token: w = exp(clamp(δ, ±20));   sequence: w_i = exp(clamp(Σ_t m·δ, ±20))
-        then the registered correction `mode` (ROLLOUT_CORRECTIONS): tis / seq_tis truncate at threshold,
-        mis / seq_mis zero the tokens (or whole sequences) outside [low, threshold]
-    -> (weights (B, T), detached, 0 off the mask; stats). As verl's compute_rollout_correction_weights with
-    rollout_is = token | sequence and threshold "C" (TIS) or "low_C" (IcePop). With lp_old == lp_sampler
-    every weight is exactly 1. stats: rc/weight_mean, rc/weight_max (over completion tokens),
-    rc/truncated_frac (tokens whose weight was truncated: w > threshold), rc/masked_frac (tokens given 0),
-    rc/seq_truncated_frac, rc/seq_masked_frac (the same for sequences: any of their tokens)."""
-    if mode not in ROLLOUT_CORRECTIONS:
-        raise ValueError(f"rollout correction must be one of {tuple(ROLLOUT_CORRECTIONS)}, got {mode!r}")
-    rc = ROLLOUT_CORRECTIONS[mode]
-    with torch.no_grad():
-        dt = torch.promote_types(trainer_logp.dtype, torch.float32)  # fp32 at least (bf16 log-probs are coarse)
-        m = mask.to(dt)
-        mb = mask.bool()
-        delta = (trainer_logp.to(dt) - sampler_logp.to(dt)) * m
-        if rc.level == "sequence":
-            raw = torch.exp(delta.sum(-1, keepdim=True).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)).expand_as(m)
-        else:
-            raw = torch.exp(delta.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
-        w, truncated, dropped = rc.fn(raw * m, mb, threshold, low)
-        wd = w.double()
-        stats = {"rc/weight_mean": (wd * m).sum() / m.sum().clamp(min=1),
-                 "rc/weight_max": torch.where(mb.any(), wd.masked_fill(~mb, -torch.inf).max(), 1.0),
-                 "rc/truncated_frac": _frac(truncated, mb), "rc/masked_frac": _frac(dropped, mb),
-                 "rc/seq_truncated_frac": truncated.any(-1).double().sum() / max(mask.shape[0], 1),
-                 "rc/seq_masked_frac": dropped.any(-1).double().sum() / max(mask.shape[0], 1)}
-    return w, stats
-
-
-def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Full-vocabulary KL(π || π_ref) per position from logits (..., V) -> (...). The yardstick for k1-k3."""
-    lp = torch.log_softmax(logits.float() / temperature, -1)
-    lq = torch.log_softmax(ref_logits.float() / temperature, -1)
-    return (lp.exp() * (lp - lq)).sum(-1)
+    return loss, {**_unclipped_stats(ratio, mask), "cov_frac": frac(selected, mask.bool())}
 
 
 # ---- the objective ----

@@ -1,6 +1,7 @@
 """GRPO, one step at a time: rollout -> rewards -> advantages -> μ passes of clipped policy updates -> log.
 
-The math lives in psyche/grpo/loss.py (plain tensor functions, re-exported here); this file moves tensors
+The math lives in psyche/grpo/advantages.py, kl.py, correction.py and loss.py (plain tensor functions,
+re-exported here); this file moves tensors
 between the sampler, the reward functions and the optimizer. Deliberate choices, each a config knob:
 - log-probs are recomputed at the sampling temperature, over the full vocabulary (no top-p): a ratio
   between log-probs at two different temperatures is not an importance ratio;
@@ -22,9 +23,10 @@ from dataclasses import MISSING, dataclass, field, fields
 import torch
 
 from psyche import dist
-from psyche.grpo.loss import (AGGS, ESTIMATORS, KL_KINDS, POLICY_LOSSES, ROLLOUT_CORRECTIONS,  # noqa: F401
-                              LossConfig, aggregate, compute_advantages, cov_select, exact_kl, kl_estimate,
-                              objective, policy_loss, rollout_correction, surrogate, token_covariance,
+from psyche.grpo.correction import ROLLOUT_CORRECTIONS, rollout_correction  # noqa: F401
+from psyche.grpo.kl import KL_KINDS, exact_kl, kl_estimate  # noqa: F401
+from psyche.grpo.loss import (AGGS, ESTIMATORS, POLICY_LOSSES, LossConfig, aggregate,  # noqa: F401
+                              compute_advantages, cov_select, objective, policy_loss, surrogate, token_covariance,
                               zero_std_groups)
 from psyche.sampler import Rollout
 

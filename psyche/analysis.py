@@ -8,6 +8,7 @@ mean ± std over seeds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -351,7 +352,7 @@ def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_ou
     from psyche.config import load_run_config
     from psyche.grpo.diagnostics import StepDiagnostics, load_step_dump
     from psyche.dist import global_norm
-    from psyche.grpo import LossConfig, micro_loss, select_cov_tokens, selecting_losses, update_policy
+    from psyche.grpo import LossConfig, UpdatePlan, micro_loss, select_cov_tokens, selecting_losses, update_policy
     from psyche.run import build_model_for_training, build_optimizer, build_scheduler
 
     dump = Path(dump)
@@ -381,17 +382,17 @@ def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_ou
     scheduler, _ = build_scheduler(optimizer, cfg.grpo.optim, 1)  # its state (and the LR) come from the dump
     load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=True)
     lc = LossConfig(**meta["loss_config"])
-    kw = dict(meta["update"])
-    kw["mini_batch_rows"] *= meta["world_size"]
+    plan = UpdatePlan(**meta["update"])
+    plan = dataclasses.replace(plan, mini_batch_rows=plan.mini_batch_rows * meta["world_size"])
 
-    rows = list(range(min(kw["mini_batch_rows"], batch.input_ids.shape[0])))
+    rows = list(range(min(plan.mini_batch_rows, batch.input_ids.shape[0])))
     if lc.policy_loss in selecting_losses():  # the tokens the run's update chose for its first mini-batch
-        select_cov_tokens(batch, rows, lc, [lc.policy_loss], seed=kw.get("seed", 0))
+        select_cov_tokens(batch, rows, lc, [lc.policy_loss], seed=plan.seed)
     n_tok, n_seq = float(batch.mask[rows].sum()), float(len(rows))
     model.zero_grad(set_to_none=True)
     first_loss = 0.0
-    for s in range(0, len(rows), kw["micro_batch"]):
-        loss, logged, _ = micro_loss(model, batch.rows(rows[s:s + kw["micro_batch"]]), lc, n_tok, n_seq)
+    for s in range(0, len(rows), plan.micro_batch):
+        loss, logged, _ = micro_loss(model, batch.rows(rows[s:s + plan.micro_batch]), lc, n_tok, n_seq)
         loss.backward()
         first_loss += float(logged["loss"])
     grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
@@ -401,7 +402,7 @@ def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_ou
     model.zero_grad(set_to_none=True)
 
     diag = StepDiagnostics(lc, grad_split=grad_split) if diagnostics or grad_split else None
-    replayed = update_policy(model, optimizer, batch, lc, **kw, clip_fn=dist.clip_grad_norm_, diag=diag)
+    replayed = update_policy(model, optimizer, batch, lc, plan, clip_fn=dist.clip_grad_norm_, diag=diag)
     logged = None
     if (dump / "logged.json").is_file():
         try:

@@ -11,7 +11,7 @@ import torch
 from helpers import tiny_config
 from psyche.grpo.diagnostics import (StepDiagnostics, completion_positions, kl_check, part_gradients, pass_counts,
                                 position_buckets, read_pass_rates, record_pass_rates, split_parts)
-from psyche.grpo import (AGGS, LossConfig, build_batch, completion_kl, kl_estimate, micro_loss, policy_loss,
+from psyche.grpo import (AGGS, LossConfig, UpdatePlan, build_batch, completion_kl, kl_estimate, micro_loss, policy_loss,
                          sequence_logprobs, update_policy)
 from psyche.model import build_model
 from psyche.sampler import generate
@@ -68,8 +68,7 @@ def test_counterfactual_losses_equal_policy_loss_per_mode(model, batch, chosen):
     # through the update, micro-batched (3 uneven micro-batches) with global counts: the same, up to rounding
     m = copy.deepcopy(model)
     d = StepDiagnostics(lc)
-    upd = update_policy(m, torch.optim.SGD(m.parameters(), lr=0.0), batch, lc, mini_batch_rows=N, micro_batch=5,
-                        diag=d)
+    upd = update_policy(m, torch.optim.SGD(m.parameters(), lr=0.0), batch, lc, UpdatePlan(N, 5), diag=d)
     for mode in AGGS:
         assert upd[f"pg_loss/{mode}"] == pytest.approx(want[mode], rel=1e-5, abs=1e-7), mode
     assert upd[f"pg_loss/{chosen}"] == upd["pg_loss"]  # the chosen mode is the logged loss, bit for bit
@@ -106,7 +105,7 @@ def test_diagnostics_leave_the_update_unchanged(model, batch):
     for diag in (None, StepDiagnostics(lc, grad_split=True)):
         m = copy.deepcopy(model)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-        st = update_policy(m, opt, batch, lc, mini_batch_rows=6, micro_batch=4, epochs=2, diag=diag)
+        st = update_policy(m, opt, batch, lc, UpdatePlan(6, 4, epochs=2), diag=diag)
         out.append((st, [p.detach().clone() for p in m.parameters()]))
     (plain, p0), (diagd, p1) = out
     assert all(torch.equal(a, b) for a, b in zip(p0, p1))

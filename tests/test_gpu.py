@@ -684,7 +684,7 @@ def test_grpo_update_on_device():
       abs 1e-4); 1 vs 2 micro-batches give the same gradient (relative 1e-5).
     - an AdamW update under bf16 autocast (as SFT runs on CUDA): finite loss and gradient norm, weights move."""
     from psyche import dist
-    from psyche.grpo import LossConfig, update_policy
+    from psyche.grpo import LossConfig, UpdatePlan, update_policy
 
     model = build_model(tiny_config(vocab=40), device=DEVICE, seed=1)
     b, lp = _grpo_batch(model)
@@ -695,7 +695,7 @@ def test_grpo_update_on_device():
     for micro in (12, 6):
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: read the gradient, keep the weights
-        st = update_policy(m, opt, b, lc, mini_batch_rows=12, micro_batch=micro, grad_clip=0)
+        st = update_policy(m, opt, b, lc, UpdatePlan(12, micro, grad_clip=0))
         assert torch.isfinite(torch.tensor(st["loss"])), st
         grads[micro] = torch.cat([p.grad.flatten() for p in m.parameters()])
     g_rel = rel(grads[6], grads[12])
@@ -703,8 +703,7 @@ def test_grpo_update_on_device():
     before = [p.detach().clone() for p in m.parameters()]
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     with dist.autocast(m, DEVICE, torch.bfloat16):
-        st = update_policy(m, opt, b, lc, mini_batch_rows=6, micro_batch=3, grad_clip=1.0,
-                           clip_fn=dist.clip_grad_norm_)
+        st = update_policy(m, opt, b, lc, UpdatePlan(6, 3, grad_clip=1.0), clip_fn=dist.clip_grad_norm_)
     with torch.no_grad():
         moved = max(float((p - q).abs().max()) for p, q in zip(m.parameters(), before))
     _record("f_grpo_update", sampler_trainer_gap=gap, grad_rel_1_vs_2=g_rel, amp_loss=st["loss"],

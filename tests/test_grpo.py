@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import tiny_config
-from psyche.grpo import (LossConfig, apply_truncation_mask, build_batch, compute_advantages,
+from psyche.grpo import (LossConfig, UpdatePlan, apply_truncation_mask, build_batch, compute_advantages,
                          completion_kl, micro_loss, sequence_logprobs, shape_rewards, update_policy)
 from psyche.model import build_model
 from psyche.sampler import generate
@@ -87,7 +87,7 @@ def test_zero_std_groups_give_zero_policy_gradient(model):
 def _grads_after(model, b, micro, lc, **kw):
     m = copy.deepcopy(model)
     opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: keep the weights, read the gradient
-    update_policy(m, opt, b, lc, mini_batch_rows=len(b.lengths), micro_batch=micro, **kw)
+    update_policy(m, opt, b, lc, UpdatePlan(len(b.lengths), micro, **kw))
     return torch.cat([p.grad.flatten() for p in m.parameters()])
 
 
@@ -117,7 +117,7 @@ def test_kl_step_lowers_exact_kl(model):
     before = completion_kl(policy, ref, b, 1.0)[0].mean()
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
     for kind in ("k3",):
-        update_policy(policy, opt, b, LossConfig(kl_coef=1.0, kl_kind=kind), mini_batch_rows=12, micro_batch=12)
+        update_policy(policy, opt, b, LossConfig(kl_coef=1.0, kl_kind=kind), UpdatePlan(12, 12))
     after = completion_kl(policy, ref, b, 1.0)[0].mean()
     assert after < before, (before, after)
 
@@ -150,5 +150,5 @@ def test_grpo_learns_a_toy_task():
         b.rewards = (r.tokens[:, 0] == 7).float()
         b.advantages = compute_advantages(b.rewards, 8)
         history.append(float(b.rewards.mean()))
-        update_policy(m, opt, b, lc, mini_batch_rows=32, micro_batch=32)
+        update_policy(m, opt, b, lc, UpdatePlan(32, 32))
     assert sum(history[:3]) / 3 < 0.2 and sum(history[-3:]) / 3 > 0.8, history

@@ -21,4 +21,4 @@ from psyche.grpo.step import (AGGS, ESTIMATORS, KL_KINDS, METRICS, POLICY_LOSSES
                               compute_advantages, cov_select, exact_kl, kl_estimate, logprob_gap, micro_loss,
                               objective, policy_loss, rollout_correction, rollout_stats, select_cov_tokens,
                               selecting_losses, sequence_logprobs, shape_rewards, surrogate, token_covariance,
-                              update_policy, zero_std_groups)
+                              UpdatePlan, update_policy, zero_std_groups)

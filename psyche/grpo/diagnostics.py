@@ -287,9 +287,9 @@ def dump_dir(run_dir, step: int) -> Path:
     return Path(run_dir) / REPLAY_DIR / f"step_{step:04d}"
 
 
-def save_step_dump(run_dir, step: int, b, *, cfg, lc, update_kw: dict, model, optimizer, scheduler) -> Path:
+def save_step_dump(run_dir, step: int, b, *, cfg, lc, plan, model, optimizer, scheduler) -> Path:
     """RUN_DIR/replay/step_XXXX/: batch_rank{r}.safetensors (the rollout batch exactly as the update sees it),
-    batch_rank{r}.json (texts, prompts, items), step.json (step, ranks, loss settings, update settings),
+    batch_rank{r}.json (texts, prompts, items), step.json (step, ranks, loss settings, the UpdatePlan),
     config.toml, and checkpoints/step_XXXXXXXX (model, optimizer, scheduler, RNG; psyche.checkpoint) taken
     before the update. Call on every rank, after advantages and before update_policy."""
     from psyche.checkpoint import save_checkpoint
@@ -306,7 +306,7 @@ def save_step_dump(run_dir, step: int, b, *, cfg, lc, update_kw: dict, model, op
     (d / f"batch_rank{rank}.json").write_text(json.dumps(text, ensure_ascii=False), encoding="utf-8")
     if dist.is_main():
         meta = {"step": step, "world_size": dist.get_world_size(), "loss_config": dataclasses.asdict(lc),
-                "update": update_kw}
+                "update": dataclasses.asdict(plan)}
         (d / "step.json").write_text(json.dumps(meta, indent=1) + "\n")
         (d / "config.toml").write_text(to_toml(cfg))
     save_checkpoint(d, step, model=model, optimizer=optimizer, scheduler=scheduler, keep_last=1,

@@ -19,6 +19,7 @@ Where this differs from the GRPO paper (DeepSeekMath), each a setting with the p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -35,7 +36,7 @@ from psyche.grpo.diagnostics import (StepDiagnostics, kl_check, record_pass_rate
                                      save_step_dump)
 from psyche.grpo.step import (LossConfig, RolloutBatch, apply_truncation_mask, batched_logprobs, build_batch, combine,
                               combine_kind, compute_advantages, completion_kl, concat, kl_estimate, logprob_gap,
-                              rollout_stats, shape_rewards, update_policy, zero_std_groups)
+                              rollout_stats, shape_rewards, UpdatePlan, update_policy, zero_std_groups)
 from psyche.lora import Reference
 from psyche.rewards import RewardError, RewardSet
 from psyche.sampler import generate, row_seeds, splitmix64
@@ -398,8 +399,8 @@ def run_grpo(cfg: RunConfig) -> Path:
         dist.print0(f"resumed from {run.resumed} at step {run.start}")
     stream = PromptStream(len(prompts), cfg.run.seed, state["prompt_position"] if state else 0)
     run.open()
-    upd_kw = dict(mini_batch_rows=(mini // world) * gc.group_size, micro_batch=gc.micro_batch,
-                  epochs=gc.ppo_epochs, grad_clip=gc.optim.grad_clip)
+    plan = UpdatePlan(mini_batch_rows=(mini // world) * gc.group_size, micro_batch=gc.micro_batch,
+                      epochs=gc.ppo_epochs, grad_clip=gc.optim.grad_clip)
     sampler_amp = sampler_precision(gc.sampler_dtype, run)
 
     for step in run.steps():
@@ -428,11 +429,11 @@ def run_grpo(cfg: RunConfig) -> Path:
         if gc.truncation == "mask":
             apply_truncation_mask(b)
         first = FirstForward(gc.kl_kind) if b.old_logp is None else None
-        step_kw = {**upd_kw, "seed": cfg.run.seed * SEED_MULT + step * STEP_MULT}  # (Clip-Cov's draw)
-        dumped = (save_step_dump(run.dir, step, b, cfg=cfg, lc=lc, update_kw=step_kw, model=policy,
+        step_plan = dataclasses.replace(plan, seed=cfg.run.seed * SEED_MULT + step * STEP_MULT)  # (Clip-Cov's draw)
+        dumped = (save_step_dump(run.dir, step, b, cfg=cfg, lc=lc, plan=step_plan, model=policy,
                                  optimizer=run.optimizer, scheduler=run.scheduler) if replay_due(gc, step) else None)
         diag = StepDiagnostics(lc, grad_split=gc.grad_split) if gc.diagnostics or gc.grad_split else None
-        upd = update_policy(policy, run.optimizer, b, lc, **step_kw, clip_fn=dist.clip_grad_norm_,
+        upd = update_policy(policy, run.optimizer, b, lc, step_plan, clip_fn=dist.clip_grad_norm_,
                             on_first_forward=first, diag=diag, amp=run.amp)
         if first is not None:
             metrics.update(first.metrics())

@@ -409,11 +409,23 @@ class StepMetrics:
         return out
 
 
-def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, *, mini_batch_rows: int, micro_batch: int,
-                  epochs: int = 1, grad_clip: float = 1.0, clip_fn=None, on_first_forward=None, diag=None,
-                  amp=None, seed: int = 0) -> dict:
-    """μ = `epochs` passes over the rollout; each pass splits it into mini-batches (one optimizer step each),
-    each mini-batch into micro-batches (gradient accumulation). Returns this rank's metrics of the step,
+@dataclass(frozen=True)
+class UpdatePlan:
+    """How one rollout becomes optimizer steps: μ = `epochs` passes over it; each pass in mini-batches of
+    `mini_batch_rows` rows of this rank (one optimizer step each), each mini-batch in micro-batches of
+    `micro_batch` rows (gradient accumulation); gradients clipped to `grad_clip` (0: off); `seed`: Clip-Cov's
+    draw of tokens (per mini-batch: seed + its first row), the same on every rank."""
+
+    mini_batch_rows: int
+    micro_batch: int
+    epochs: int = 1
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, plan: UpdatePlan, *, clip_fn=None,
+                  on_first_forward=None, diag=None, amp=None) -> dict:
+    """The rollout's update as `plan` cuts it (UpdatePlan). Returns this rank's metrics of the step,
     combined over micro-batches as METRICS says (one host sync at the end, none per micro-batch).
 
     clip_fn(parameters, max_norm) -> total norm: the clipping function (FSDP2-aware from psyche.dist).
@@ -423,23 +435,22 @@ def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, *, mini
     metrics join the returned ones. It leaves the update itself unchanged.
     amp: the context the forwards run in (psyche.run.Run.amp: autocast for a bf16 compute dtype); backward
     runs outside it.
-    seed: Clip-Cov's draw of tokens (per mini-batch: seed + its first row), the same on every rank.
     """
     clip_fn = clip_fn or torch.nn.utils.clip_grad_norm_
     amp = amp if amp is not None else contextlib.nullcontext()
     N = batch.input_ids.shape[0]
     sums = StepMetrics()
-    for epoch in range(epochs):
-        for start in range(0, N, mini_batch_rows):
-            rows = list(range(start, min(start + mini_batch_rows, N)))
+    for epoch in range(plan.epochs):
+        for start in range(0, N, plan.mini_batch_rows):
+            rows = list(range(start, min(start + plan.mini_batch_rows, N)))
             cov_names = [n for n in selecting_losses() if diag is not None or n == lc.policy_loss]
             if cov_names and epoch == 0:  # chosen before the mini-batch's first update, kept for its epochs
-                select_cov_tokens(batch, rows, lc, cov_names, seed=seed + start)
+                select_cov_tokens(batch, rows, lc, cov_names, seed=plan.seed + start)
             n_tok = dist.sum_over_ranks(batch.mask[rows].sum())  # the loss's normalisers: the whole mini-batch
             n_seq = dist.sum_over_ranks(len(rows))
             optimizer.zero_grad(set_to_none=True)
-            for s in range(0, len(rows), micro_batch):
-                mrows = rows[s:s + micro_batch]
+            for s in range(0, len(rows), plan.micro_batch):
+                mrows = rows[s:s + plan.micro_batch]
                 b = batch.rows(mrows)
                 with amp:
                     loss, logged, lp = micro_loss(model, b, lc, n_tok, n_seq, diag)
@@ -448,8 +459,8 @@ def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, *, mini
                     on_first_forward(mrows, b, lp)
                 sums.add(logged)
             if diag is not None and diag.grad_split:  # extra passes; the accumulated .grad is put back
-                diag.split(model, batch, rows, micro_batch=micro_batch, n_tokens=n_tok, n_seqs=n_seq, amp=amp)
-            sums.add_update(clip_fn(model.parameters(), grad_clip if grad_clip > 0 else float("inf")))
+                diag.split(model, batch, rows, micro_batch=plan.micro_batch, n_tokens=n_tok, n_seqs=n_seq, amp=amp)
+            sums.add_update(clip_fn(model.parameters(), plan.grad_clip if plan.grad_clip > 0 else float("inf")))
             optimizer.step()
     out = sums.result()
     if diag is not None:

@@ -359,13 +359,27 @@ class Laps:
         self.total += dt
         self.t = now if seconds is None else self.t + seconds
 
+def build_reference(cfg: RunConfig, run, init_dir: Path, device):
+    """The reference policy of the KL (None when neither kl_coef nor exact_kl needs one) and where it lives:
+    with LoRA, the policy itself with its adapters off; otherwise a frozen copy of the starting weights on
+    every rank, in the compute dtype, on the CPU with grpo.ref_offload."""
+    from psyche.weights import load_pretrained
+
+    gc = cfg.grpo
+    if not (gc.kl_coef > 0 or gc.exact_kl):
+        return None, "none (kl_coef = 0 and exact_kl off)"
+    if cfg.lora.rank > 0:
+        return Reference(run.model), "the policy with its adapters off"
+    ref, _ = load_pretrained(init_dir, dtype=run.compute_dtype, device="cpu" if gc.ref_offload else device)
+    return ref.requires_grad_(False).eval(), "on CPU" if gc.ref_offload else f"on {device}"
+
+
 def run_grpo(cfg: RunConfig) -> Path:
     """Train per `cfg.grpo`; returns the run directory."""
     from psyche.run import Run, begin
     from psyche.run import prepare_init
     from psyche.tokenizer import Tokenizer
     from psyche.validate import check_grpo
-    from psyche.weights import load_pretrained
 
     rank, world, device = begin(cfg, check_grpo)
     gc = cfg.grpo
@@ -379,17 +393,10 @@ def run_grpo(cfg: RunConfig) -> Path:
     total = gc.steps if gc.steps > 0 else math.ceil(gc.epochs * max(1, len(prompts) // gc.prompts_per_step))
     run = Run(cfg, init_dir, device, gc.optim, total)
     policy = run.model
-    ref = None
-    if (gc.kl_coef > 0 or gc.exact_kl) and cfg.lora.rank > 0:  # the base model is the policy, adapters off
-        ref = Reference(policy)
-    elif gc.kl_coef > 0 or gc.exact_kl:  # a full frozen copy on every rank (compute dtype), optionally on the CPU
-        ref, _ = load_pretrained(init_dir, dtype=run.compute_dtype, device="cpu" if gc.ref_offload else device)
-        ref.requires_grad_(False).eval()
+    ref, where = build_reference(cfg, run, init_dir, device)
     frozen_ref = ref if isinstance(ref, torch.nn.Module) else None  # a model of its own (checkpointed, movable)
     lc = LossConfig.from_grpo(gc)
     n_updates = gc.prompts_per_step // mini * gc.ppo_epochs
-    where = ("none (kl_coef = 0 and exact_kl off)" if ref is None else "the policy with its adapters off"
-             if frozen_ref is None else "on CPU" if gc.ref_offload else f"on {device}")
     dist.print0(f"grpo: {len(prompts)} prompts ({too_long} dropped as longer than {gc.max_prompt_length} tokens); "
                 f"{gc.prompts_per_step} prompts x {gc.group_size} samples per step, {gc.prompts_per_step // mini} "
                 f"updates per pass, {gc.ppo_epochs} pass(es); {total} steps; policy {run.params} "

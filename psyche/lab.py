@@ -331,7 +331,11 @@ def zero_variance_check(out: Path, labels, seeds, cells) -> list[dict] | None:
     cell of a seed) against p^G + (1 − p)^G over those prompts, p^G estimated without bias from the largest
     group's step-1 pass counts (k of n right: C(k, G) / C(n, G)). Both count groups whose *correctness* does not
     vary (all right or all wrong): the reward's zero-std fraction is lower, as the format reward still varies in
-    some of them. None unless the cells differ in group size."""
+    some of them. None unless the cells differ in group size.
+
+    Whether a smaller cell's count of such groups, over all seeds, departs from p^G + (1 − p)^G is tested
+    exactly (`uniform_groups_test`): a seed's per-cell counts are small and skewed, so "below the prediction on
+    most seeds" is what chance gives and a sign test over seeds would overstate it."""
     from math import comb
 
     from psyche.analysis import read_metrics
@@ -344,15 +348,41 @@ def zero_variance_check(out: Path, labels, seeds, cells) -> list[dict] | None:
     n = sizes[big]
     rows = []
     for lab in labels:
-        G, measured, predicted = sizes[lab], [], []
+        G, measured, predicted, pairs = sizes[lab], [], [], []
         for s in seeds:
             m = read_metrics(cell_dir(out, cells[(lab, s)]))[0]
             measured.append(m["pass_all_wrong_frac"] + m["pass_all_right_frac"])
             step1 = read_pass_rates(cell_dir(out, cells[(big, s)]))[0]["pass_rate"]
             ks = [round(p * n) for p in step1.values()]
             predicted.append(sum((comb(k, G) + comb(n - k, G)) / comb(n, G) for k in ks) / len(ks))
-        rows.append({"label": lab, "group_size": G, "measured": measured, "predicted": predicted})
+            own = read_pass_rates(cell_dir(out, cells[(lab, s)]))[0]["pass_rate"]
+            if pairs is not None and own.keys() == step1.keys():
+                pairs += [(round(step1[key] * n), round(own[key] * G)) for key in step1]
+            else:
+                pairs = None  # not the same prompts: no test
+        row = {"label": lab, "group_size": G, "measured": measured, "predicted": predicted}
+        if lab != big and pairs:
+            row.update(uniform_groups_test(pairs, n, G))
+        rows.append(row)
     return rows
+
+
+def uniform_groups_test(pairs: list[tuple[int, int]], n: int, G: int) -> dict:
+    """Exact test of the uniform-correctness count of groups of G against groups of n of the same prompts at
+    the same policy. pairs: per prompt, (right of n, right of G). Under no difference, the n + G samples of a
+    prompt are exchangeable, so given its K right in all, the G are a random G-subset: uniform with probability
+    (C(K, G) + C(n + G − K, G)) / C(n + G, G), independently over prompts. The observed count is compared with
+    that sum of Bernoullis (its exact distribution) -> {uniform_groups, expected, p_two_sided}."""
+    from math import comb
+
+    N = n + G
+    probs = [(comb(k + g, G) + comb(N - k - g, G)) / comb(N, G) for k, g in pairs]
+    dist_ = [1.0]  # P(count = i), built prompt by prompt
+    for q in probs:
+        dist_ = [a * (1 - q) + b * q for a, b in zip(dist_ + [0.0], [0.0] + dist_)]
+    obs = sum(g in (0, G) for _, g in pairs)
+    p = min(1.0, 2 * min(sum(dist_[:obs + 1]), sum(dist_[obs:])))
+    return {"uniform_groups": obs, "groups": len(pairs), "expected": sum(probs), "p_two_sided": p}
 
 
 def sign_test_p(up: int, down: int) -> float:
@@ -438,6 +468,9 @@ def markdown(rep: dict) -> str:
         for r in rep["zero_variance_step1"]:
             lines.append(f"| `{r['label']}` | {r['group_size']} | " + ", ".join(f"{x:.3f}" for x in r["measured"])
                          + " | " + ", ".join(f"{x:.3f}" for x in r["predicted"]) + " |")
+        lines += [f"\n`{r['label']}`: {r['uniform_groups']} of {r['groups']} groups uniform, {r['expected']:.2f} "
+                  f"expected given each prompt's pass count over both cells (exact test, two-sided p "
+                  f"{r['p_two_sided']:.2g})" for r in rep["zero_variance_step1"] if "p_two_sided" in r]
     lines += ["", "![curves](plots/curves.png)", "", "![accuracy per generated sample](plots/accuracy_per_sample.png)",
               ""]
     return "\n".join(lines)

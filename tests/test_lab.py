@@ -101,6 +101,8 @@ def test_a_reduced_ablation_writes_a_well_formed_report_and_resumes(tmp_path, mo
     assert set(zv) == {2, 4} and all(0 <= x <= 1 for r in zv.values() for x in r["measured"] + r["predicted"])
     assert all(a >= b for a, b in zip(zv[2]["predicted"], zv[4]["predicted"]))  # smaller groups: more often uniform
     assert zv[4]["measured"] == pytest.approx(zv[4]["predicted"])  # the largest group predicts itself exactly
+    assert "p_two_sided" not in zv[4] and 0 < zv[2]["p_two_sided"] <= 1 and zv[2]["groups"] == 2 * 4
+    assert "exact test, two-sided p" in md
     assert json.loads((d / "report.json").read_text())["seeds"] == [0, 1]
     cell = json.loads(next((tmp_path / "cells").glob("*/s0/cell.json")).read_text())
     assert "train.py --stage grpo --config configs/lab-grpo.toml" in cell["command"]
@@ -141,3 +143,32 @@ def test_end_points_read_every_sampled_group_and_never_divide_by_zero_samples(tm
     p = lab.cell_points(tmp_path, cell)
     assert math.isnan(p["heldout_per_1k_samples"])
     assert lab._nan_to_null({"a": [p["heldout_per_1k_samples"], 1.0]}) == {"a": [None, 1.0]}
+
+
+def test_the_uniform_groups_test_is_the_exact_distribution_of_random_subsets():
+    """Against brute force: pool each prompt's n + G outcomes, take every G-subset as the small group, count the
+    uniform ones over prompts; the test's expectation and two-sided p are that distribution's."""
+    import itertools
+
+    from psyche.lab import uniform_groups_test
+
+    n, G = 4, 2
+    pairs = [(1, 0), (3, 1), (4, 2)]  # per prompt: right of n, right of G
+    counts = {}
+    subsets = [list(itertools.combinations(range(n + G), G)) for _ in pairs]
+    for choice in itertools.product(*subsets):
+        c = 0
+        for (k, g), sub in zip(pairs, choice):
+            right = sum(i < k + g for i in sub)  # the first k + g of the pooled samples are the right ones
+            c += right in (0, G)
+        counts[c] = counts.get(c, 0) + 1
+    total = sum(counts.values())
+    pmf = [counts.get(i, 0) / total for i in range(len(pairs) + 1)]
+    obs = 2  # (1, 0) all wrong, (4, 2) all right
+    want = min(1.0, 2 * min(sum(pmf[:obs + 1]), sum(pmf[obs:])))
+    got = uniform_groups_test(pairs, n, G)
+    assert got["uniform_groups"] == obs and got["groups"] == 3
+    assert got["expected"] == pytest.approx(sum(i * q for i, q in enumerate(pmf)))
+    assert got["p_two_sided"] == pytest.approx(want)
+    assert uniform_groups_test([(16, 4)] * 3, 16, 4) == {"uniform_groups": 3, "groups": 3, "expected": 3.0,
+                                                         "p_two_sided": 1.0}

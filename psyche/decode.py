@@ -244,23 +244,24 @@ class Decoder:
     def run(self, first_logits: torch.Tensor) -> Rollout:
         """Decode from the prompts' last logits (one row of `first_logits` per state row)."""
         job = self.job
-        if job.should_end is not None:
-            self.check(0)
-        record(self.state, first_logits, job.params, job.pad_id)
-        t = 1
-        while t < job.max_new_tokens:
-            if t % self.every == 0 and not self.check(t):
-                break
-            self.step()
-            t += 1
+        t = 0  # rows cancelled before their first token (a server's) end now; the batch stays as first_logits'
+        if job.should_end is None or self.check(0, shrink=False):
+            record(self.state, first_logits, job.params, job.pad_id)
+            t = 1
+            while t < job.max_new_tokens:
+                if t % self.every == 0 and not self.check(t):
+                    break
+                self.step()
+                t += 1
         self.check(t, final=True)
         self.write_back()
         o = self.out
         return _rollout(o.tokens, o.logprobs, o.lengths, o.finished, job.P, job.n, job.pad_id)
 
-    def check(self, t: int, final: bool = False) -> bool:
+    def check(self, t: int, final: bool = False, shrink: bool = True) -> bool:
         """The host's look at the decode before step t (one sync): non-finite log-probs, streaming, cancelled
-        rows, and (not final) whether any row runs and whether to shrink the batch. False: all rows ended."""
+        rows, and (not final) whether any row runs and (shrink) whether to shrink the batch. False: all rows
+        ended."""
         s, job, k = self.state, self.job, len(self.rows)
         alive, bad = torch.stack([s.alive[:k], s.bad[:k]]).cpu()
         if bad.any():
@@ -282,7 +283,8 @@ class Decoder:
                 s.alive[end.to(s.alive.device)] = False
         if not alive.any():
             return False
-        self.shrink(alive)
+        if shrink:
+            self.shrink(alive)
         return True
 
     def write_back(self):

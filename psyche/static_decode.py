@@ -51,17 +51,30 @@ def ladder(n: int, start: int) -> int:
 GRAPH_WARMUP = 2  # decode steps run before a capture (autotuning, lazy initialisation), then undone
 
 
+def weights_key(model) -> tuple:
+    """What a captured step read besides its buffers: the addresses of the model's parameters and buffers, the
+    autocast state and which LoRA adapters are on. A graph replays only where these are the same (another model,
+    or the same one re-gathered elsewhere, gets a new capture); no model is kept alive by the key."""
+    device = model.lm_head.weight.device.type
+    tensors = [*model.parameters(), *model.buffers()]  # (under dist.unsharded: the gathered parameters)
+    return (tuple((t.to_local() if hasattr(t, "to_local") else t).data_ptr() for t in tensors), torch.is_autocast_enabled(device),
+            torch.get_autocast_dtype(device), tuple(m.lora_enabled for m in model.modules() if hasattr(m, "lora_enabled")))
+
+
 class GraphStep:
     """`decode_step` on one buffer set with one sampling setting, captured as a CUDA graph on first use and
     replayed after (on the CPU: called). The warm-up steps before the capture write the state they advance
     (tokens, lengths, t, ...) and KV-cache slots past every row's length; the state is restored before the
-    capture, and those slots are masked off and overwritten by the real steps."""
+    capture, and those slots are masked off and overwritten by the real steps. The model is an argument of
+    each call, not kept: a graph replays on the weights' addresses (Slots.graph_step keys it by them)."""
 
-    def __init__(self, model, slots: "Slots", params, pad_id: int):
-        self.args = (model, slots.cache, slots.state, params, pad_id)
-        self.slots, self.graph, self.captured = slots, None, False
+    def __init__(self, slots: "Slots", params, pad_id: int):
+        self.slots, self.params, self.pad_id, self.graph, self.captured = slots, params, pad_id, None, False
 
-    def _capture(self):
+    def _step(self, model):
+        decode_step(model, self.slots.cache, self.slots.state, self.params, self.pad_id)
+
+    def _capture(self, model):
         s, cache = self.slots.state, self.slots.cache
         saved = [(x, x.clone()) for x in (*s.tensors(), cache.lengths)]
         on_cuda = cache.k.is_cuda
@@ -70,26 +83,26 @@ class GraphStep:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(GRAPH_WARMUP):
-                    decode_step(*self.args)
+                    self._step(model)
             torch.cuda.current_stream().wait_stream(side)
         else:
             for _ in range(GRAPH_WARMUP):
-                decode_step(*self.args)
+                self._step(model)
         for x, copy in saved:
             x.copy_(copy)
         if on_cuda:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=_graph_pool()):
-                decode_step(*self.args)
+                self._step(model)
         self.captured = True
 
-    def __call__(self):
+    def __call__(self, model):
         if not self.captured:
-            self._capture()
+            self._capture(model)
         if self.graph is not None:
             self.graph.replay()
         else:
-            decode_step(*self.args)
+            self._step(model)
 
 
 _GRAPH_POOL = []
@@ -115,11 +128,17 @@ class Slots:
             torch._dynamo.mark_static_address(x)
         self.busy = False
         self.graphs: dict[tuple, GraphStep] = {}  # (sampling, pad id) -> the step captured on these buffers
+        self.weights = None  # the weights_key the graphs were captured for
 
-    def graph_step(self, model, params, pad_id: int) -> GraphStep:
+    def graph_step(self, weights: tuple, params, pad_id: int) -> GraphStep:
+        """The step captured on these buffers for these weights (weights_key) and sampling; graphs captured for
+        other weights are dropped."""
+        if weights != self.weights:
+            self.graphs.clear()
+            self.weights = weights
         key = (params, pad_id)
         if key not in self.graphs:
-            self.graphs[key] = GraphStep(model, self, params, pad_id)
+            self.graphs[key] = GraphStep(self, params, pad_id)
         return self.graphs[key]
 
     def tensors(self):
@@ -211,10 +230,14 @@ class StaticDecoder(Decoder):
         self.slots, self.dims, self.mode = slots, dims, mode  # dims: (S, L, Z) of every set this decode uses
         compiled = mode == "compiled" and decode_step not in _NOT_COMPILABLE
         self.fn = _compiled(decode_step) if compiled else decode_step
+        self.weights = weights_key(model) if mode == "graph" else None
+        self.graph = None  # the GraphStep of the current buffer set
 
     def step(self):
         if self.mode == "graph":
-            self.slots.graph_step(self.model, self.job.params, self.job.pad_id)()
+            if self.graph is None or self.graph.slots is not self.slots:
+                self.graph = self.slots.graph_step(self.weights, self.job.params, self.job.pad_id)
+            self.graph(self.model)
             return
         self._compiled_step()
 

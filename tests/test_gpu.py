@@ -511,10 +511,10 @@ def test_graph_decode_equals_eager_and_captures_once_per_shape(pair, monkeypatch
     times = []
     real = sd.GraphStep._capture
 
-    def timed(self):
+    def timed(self, model):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        real(self)
+        real(self, model)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
 
@@ -523,10 +523,10 @@ def test_graph_decode_equals_eager_and_captures_once_per_shape(pair, monkeypatch
     prompts = PROMPTS * 2
     kw = dict(n=2, max_new_tokens=40, temperature=1.0, top_p=0.9, stop_token_ids=[1, 2, 3], seed=5)
 
-    def run(path):
+    def run(path, model=m):
         seen = []
-        r = generate(m, prompts, path=path, on_token=lambda t, rows, tok: seen.append((t, rows.tolist(),
-                                                                                     tok.tolist())), **kw)
+        r = generate(model, prompts, path=path, on_token=lambda t, rows, tok: seen.append((t, rows.tolist(),
+                                                                                         tok.tolist())), **kw)
         return r, seen
 
     (a, seen_a), (b, seen_b) = run("graph"), run("eager")
@@ -538,6 +538,12 @@ def test_graph_decode_equals_eager_and_captures_once_per_shape(pair, monkeypatch
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths) and seen_a == seen_b
     assert float((a.logprobs - b.logprobs).abs().max()) <= 1e-5
     assert torch.equal(c.tokens, a.tokens)
+    other = copy.deepcopy(m)  # the same shapes, other weights at other addresses: its own capture, its own tokens
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    (d, _), (e, _) = run("graph", other), run("eager", other)
+    assert torch.equal(d.tokens, e.tokens) and not torch.equal(d.tokens, a.tokens)
 
 
 @pytest.mark.compile
@@ -573,6 +579,12 @@ def test_compiled_decode_replays_cuda_graphs_and_equals_eager(pair, monkeypatch)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths) and seen_a == seen_b
     assert float((a.logprobs - b.logprobs).abs().max()) <= 1e-5
     assert torch.equal(c.tokens, a.tokens)
+    other = copy.deepcopy(m)  # the same shapes, other weights at other addresses: its own capture, its own tokens
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    (d, _), (e, _) = run("graph", other), run("eager", other)
+    assert torch.equal(d.tokens, e.tokens) and not torch.equal(d.tokens, a.tokens)
 
 
 # ---------------------------------------------------------------------------------------------- f. SFT and GRPO steps

@@ -412,7 +412,7 @@ def test_the_graph_path_equals_eager_through_stops_groups_top_p_rebucketing_stre
     monkeypatch.setattr(sd, "_POOL", {})
     captures = []
     real = sd.GraphStep._capture
-    monkeypatch.setattr(sd.GraphStep, "_capture", lambda self: (captures.append(id(self)), real(self))[1])
+    monkeypatch.setattr(sd.GraphStep, "_capture", lambda self, model: (captures.append(id(self)), real(self, model))[1])
     m = build_model(tiny_config(vocab=40), seed=1).eval()
     kw = dict(temperature=1.0, n=3, top_p=0.9, stop_token_ids=[5, 7, 11], max_new_tokens=40,
               row_max_tokens=torch.tensor([3, 9, 17, 40, 40] * 3)[:12])
@@ -441,3 +441,34 @@ def test_the_graph_path_equals_eager_through_stops_groups_top_p_rebucketing_stre
     _same_rollout(again, generate(m, RAGGED, path="eager", **kw))
     sd.release_buffers()
     assert sd._POOL == {}  # graphs live on their buffer sets: released with them
+
+
+@pytest.mark.parametrize("path", ["eager", "static", "graph"])
+def test_rows_cancelled_before_their_first_token_end_without_one(path):
+    """A server may cancel requests before their first token: those rows end empty, the others decode as if
+    alone (per-row seeds), on every path, also when enough rows end to shrink the batch at once; and when every
+    row is cancelled the call returns empty completions."""
+    m = build_model(tiny_config(vocab=40), seed=1).eval()
+    kw = dict(n=16, max_new_tokens=12, temperature=1.0, path=path)
+    full = generate(m, [[5, 6, 7]], **kw)
+    r = generate(m, [[5, 6, 7]], should_end=lambda rows: (rows >= 4).tolist(), **kw)
+    assert r.lengths[4:].eq(0).all() and torch.equal(r.lengths[:4], full.lengths[:4])
+    L = r.tokens.shape[1]
+    assert torch.equal(r.tokens[:4], full.tokens[:4, :L])  # (log-probs: a smaller batch rounds a little apart)
+    assert torch.allclose(r.logprobs[:4], full.logprobs[:4, :L], atol=1e-5)
+    none = generate(m, [[5, 6, 7]], should_end=lambda rows: [True] * len(rows), **{**kw, "n": 4})
+    assert none.lengths.eq(0).all() and none.tokens.shape == (4, 0)
+
+
+def test_the_graph_path_decodes_each_model_with_its_own_weights(monkeypatch):
+    """Buffer sets are pooled by shape, and a graph replays on the addresses it recorded: a second model of the
+    same shape (an evaluation of several checkpoints) must get its own capture, not the first model's step."""
+    import psyche.static_decode as sd
+
+    monkeypatch.setattr(sd, "_POOL", {})
+    a, b = (build_model(tiny_config(vocab=40), seed=s).eval() for s in (1, 2))
+    kw = dict(n=2, max_new_tokens=20, temperature=1.0)
+    for m in (a, b, a):
+        _same_rollout(generate(m, RAGGED, path="graph", **kw), generate(m, RAGGED, path="eager", **kw))
+    slots = [x for xs in sd._POOL.values() for x in xs]
+    assert slots and all(x.weights == sd.weights_key(a) and len(x.graphs) <= 1 for x in slots)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -150,7 +151,7 @@ def make_data(d: Path, seed: int, size: BenchSize = BenchSize()) -> dict:
         text, answer = teacher.write(it, rng)
         if answer == it.answer:  # the answer filter
             sft.append({"id": it.id, "messages": task_prompt(it) + [{"role": "assistant", "content": text}]})
-            kept_styles[next(s for s in STYLES if s == _style_of(text))] += 1
+            kept_styles[_style_of(text)] += 1
     pool = [it for it in train if can_fail(it)]
     grpo = [it for group in group_by_type(pool).values() for it in balance(group, seed=seed)]
     test = [it for it in test_pool if can_fail(it)][:size.n_test]
@@ -241,16 +242,23 @@ def run_cell(out: Path, bench: Path, seed: int, sets: list[str], log=print) -> d
     wall = time.time() - t
     summary = {"sets": sets, "seed": seed, "command": " ".join(cmd), "wall_s": round(wall, 1),
                **evaluate(d / "grpo" / "hf", bench / "data" / "test.jsonl")}
-    done.write_text(json.dumps(summary, indent=2) + "\n")
+    _write_atomic(done, json.dumps(summary, indent=2) + "\n")  # its presence means "done": never half-written
     log(f"cell {cell_name(sets)} s{seed}: held-out {summary['heldout_accuracy']:.3f}, {wall:.0f} s")
     return summary
+
+
+def _write_atomic(path: Path, text: str):
+    """Write a file whole or not at all (a temporary beside it, then renamed over it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def sft_point(bench: Path) -> dict:
     """The SFT model's held-out evaluation (the start of every cell of the seed), made once."""
     f = bench / "sft_eval.json"
     if not f.is_file():
-        f.write_text(json.dumps(evaluate(bench / "sft" / "hf", bench / "data" / "test.jsonl")) + "\n")
+        _write_atomic(f, json.dumps(evaluate(bench / "sft" / "hf", bench / "data" / "test.jsonl")) + "\n")
     return json.loads(f.read_text())
 
 
@@ -444,8 +452,8 @@ def report(out: Path, name: str, labels: list[str], seeds: list[int], cells: dic
                             "fractions are measured on them; training accuracy and zero variance on every group "
                             "of the first round sampled (accuracy_sampled, zero_std_frac_sampled; a run that "
                             "predates accuracy_sampled: its accuracy on the groups kept).")
-    (d / "report.json").write_text(json.dumps(_nan_to_null(rep), indent=2, allow_nan=False) + "\n")
-    (d / "report.md").write_text(markdown(rep))
+    _write_atomic(d / "report.json", json.dumps(_nan_to_null(rep), indent=2, allow_nan=False) + "\n")
+    _write_atomic(d / "report.md", markdown(rep))
     return rep
 
 
@@ -486,12 +494,9 @@ def _smooth(xs: list[float], k: int) -> list[float]:
 
 def plot_curves(out: Path, labels, seeds, cells, path: Path):
     """One panel per CURVES metric: per cell, the mean over seeds and a band from the min to the max."""
-    import matplotlib
+    from psyche.analysis import _plt, read_metrics
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from psyche.analysis import read_metrics
+    plt = _plt()
 
     fig, axes = plt.subplots(3, 3, figsize=(15, 11))
     for (key, title), ax in zip(CURVES, axes.flat):
@@ -521,12 +526,9 @@ def plot_curves(out: Path, labels, seeds, cells, path: Path):
 
 def plot_per_sample(out: Path, labels, seeds, cells, path: Path):
     """Training accuracy (smoothed) against the samples generated so far, one line per (cell, seed)."""
-    import matplotlib
+    from psyche.analysis import _plt, read_metrics
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from psyche.analysis import read_metrics
+    plt = _plt()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, lab in enumerate(labels):
@@ -562,11 +564,12 @@ def parse_seeds(text: str) -> list[int]:
 def run_ablation(knob: str, seeds: list[int], out: Path, name: str | None = None, extra: tuple = (),
                  size: BenchSize = BenchSize(), log=print) -> dict:
     """Prepare each seed's bench, run every (value, seed) cell not done yet, and write the report."""
+    from psyche.analysis import _plt
+
+    _plt()  # the report's plots need matplotlib: say so before any cell runs, not after the sweep
+    out = Path(out).resolve()  # the cells run train.py from the repository root
     keys, values = parse_knob(knob)
-    labels, cells = [], {}
-    for vals in values:
-        label = "+".join(vals)
-        labels.append(label)
+    labels, cells = ["+".join(vals) for vals in values], {}
     for s in seeds:
         bench = prepare_bench(out, s, size, log)
         sft = sft_point(bench)
@@ -602,14 +605,14 @@ def _is_default(key: str, value: str) -> bool:
 def lab_cmd(knob, seeds, out, name, extra):
     """Run an ablation on the GRPO lab bench: KNOB is KEY=V1,V2,... (or KEY1+KEY2=A1+A2,B1+B2,...)."""
     try:
-        keys, _ = parse_knob(knob)
+        keys, values = parse_knob(knob)
         seed_list = parse_seeds(seeds)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     from psyche.config import ConfigError, load_run_config
 
     try:  # every cell's settings are a valid config before anything runs
-        for vals in parse_knob(knob)[1]:
+        for vals in values:
             load_run_config(LAB_CONFIG, [f"{k}={v}" for k, v in zip(keys, vals)] + list(extra))
     except ConfigError as e:
         raise click.BadParameter(str(e)) from None

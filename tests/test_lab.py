@@ -172,3 +172,17 @@ def test_the_uniform_groups_test_is_the_exact_distribution_of_random_subsets():
     assert got["p_two_sided"] == pytest.approx(want)
     assert uniform_groups_test([(16, 4)] * 3, 16, 4) == {"uniform_groups": 3, "groups": 3, "expected": 3.0,
                                                          "p_two_sided": 1.0}
+
+
+def test_an_ablation_without_matplotlib_stops_before_any_cell_runs(tmp_path, monkeypatch):
+    """The report needs matplotlib (the `plot` extra): a sweep without it says so at once, not after its cells."""
+    import sys
+
+    import click
+
+    import psyche.lab as lab
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ModuleNotFoundError
+    with pytest.raises(click.ClickException, match=r"pip install 'psyche\[plot\]'"):
+        lab.run_ablation("grpo.group_size=4,2", [0], tmp_path, log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []

@@ -152,3 +152,13 @@ def test_grpo_learns_a_toy_task():
         history.append(float(b.rewards.mean()))
         update_policy(m, opt, b, lc, UpdatePlan(32, 32))
     assert sum(history[:3]) / 3 < 0.2 and sum(history[-3:]) / 3 > 0.8, history
+
+
+def test_the_first_draws_statistics_combine_over_ranks_unweighted():
+    """accuracy_sampled and zero_std_frac_sampled describe each rank's first draw (the same number of prompts on
+    every rank): their mean over ranks is plain, not weighted by the tokens of the batch each rank kept."""
+    from psyche.grpo import combine, combine_kind
+
+    for k in ("accuracy_sampled", "zero_std_frac_sampled"):
+        assert combine([0.5, 1.0], [10, 30], combine_kind(k)) == 0.75
+    assert combine([0.5, 1.0], [10, 30], combine_kind("entropy")) == 0.875  # a token mean stays weighted

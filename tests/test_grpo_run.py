@@ -149,6 +149,8 @@ def test_two_ranks_equal_one_rank(tmp_path):
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     for a, b in zip(one, two):
         assert a["reward_mean"] == b["reward_mean"] and a["response_length_mean"] == b["response_length_mean"]
+        for k in ("accuracy_sampled", "zero_std_frac_sampled"):  # over every rank's first draw, unweighted
+            assert a[k] == pytest.approx(b[k], abs=1e-12), (k, a[k], b[k])
         for k in ("loss", "grad_norm", "kl"):
             assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
 

@@ -289,7 +289,9 @@ def pass_rate_stats(p) -> dict:
 #   token_mean: a mean over completion tokens: weighted by each micro-batch's / rank's token count
 #   token_sum:  a sum over completion tokens, logged as the mean (NAME_sum -> NAME)
 #   count:      summed over ranks;   max / min: over micro-batches and ranks
-METRICS = {"loss": "loss", "pg_loss": "loss", "kl_loss": "loss", "entropy_loss": "loss",
+#   rank_mean:  a mean over each rank's first draw of prompts (the same number on every rank): unweighted
+METRICS = {"accuracy_sampled": "rank_mean", "zero_std_frac_sampled": "rank_mean",
+           "loss": "loss", "pg_loss": "loss", "kl_loss": "loss", "entropy_loss": "loss",
            "grad_norm": "global", "optimizer_steps": "global", "lr": "global",
            "entropy_sum": "token_sum",
            "update_tokens": "count", "prompts_drawn": "count", "groups_padded": "count",
@@ -311,6 +313,8 @@ def combine(values: list[float], weights: list[float], kind: str) -> float:
         return max(values)
     if kind == "min":
         return min(values)
+    if kind == "rank_mean":
+        return sum(values) / len(values)
     return sum(v * w for v, w in zip(values, weights)) / sum(weights)
 
 

@@ -77,6 +77,11 @@ def extract_answer(response: str, qtype: str, letters: str = "ABCD") -> str:
     return pred
 
 
+def exact(pred: str, gold: str) -> bool:
+    """The extracted answer is the gold one: the same set of letters, and not empty."""
+    return bool(pred) and set(pred) == set(gold)
+
+
 def credit(pred: str, gold: str) -> float:
     """1 for the same set of letters, |pred|/|gold| when pred is a proper subset of gold, else 0."""
     p, g = set(pred), set(gold)

@@ -94,8 +94,7 @@ class KVCache:
 class StaticKVCache(KVCache):
     """The same buffers, seen whole: every forward attends over all max_len slots (slots past a row's length
     are masked off), and the lengths live only on the device. Shapes never change during a decode and
-    nothing syncs with the host, so one decode step can be compiled and replayed (psyche.sampler's static
-    path). Costs attention over max_len slots per step instead of the slots written so far."""
+    nothing syncs with the host, so one decode step can be compiled and replayed (psyche/static_decode.py). Costs attention over max_len slots per step instead of the slots written so far."""
 
     def visible_len(self, T: int) -> int:
         return self.max_len

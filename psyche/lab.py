@@ -192,13 +192,12 @@ def prepare_bench(out: Path, seed: int, size: BenchSize = BenchSize(), log=print
 
 def evaluate(model_dir: Path, test: Path, max_new_tokens: int = 128) -> dict:
     """Held-out greedy accuracy of a checkpoint on the bench's test items, and the replies' mean length."""
-    from psyche.evaluate import extract_answer
+    from psyche.evaluate import exact, extract_answer
     from psyche.recipe import answer_items, read_items
 
     items = read_items(test)
     replies = answer_items(model_dir, items, batch_size=256, max_new_tokens=max_new_tokens)
-    ok = [bool(p) and set(p) == set(it.answer) for it, p in
-          ((it, extract_answer(r, it.qtype)) for it, r in zip(items, replies))]
+    ok = [exact(extract_answer(r, it.qtype), it.answer) for it, r in zip(items, replies)]
     return {"heldout_accuracy": sum(ok) / len(ok), "heldout_chars": sum(map(len, replies)) / len(replies)}
 
 

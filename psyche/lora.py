@@ -231,7 +231,7 @@ def check_init_matches(lora):
 
 
 def settings(lora) -> dict:
-    """add_lora's arguments for a LoraSection (a lora.init adapter is checked to match them)."""
+    """add_lora's arguments for a LoraSection (check_init_matches holds a lora.init adapter to them)."""
     return dict(rank=lora.rank, alpha=lora.alpha, targets=lora.targets, dropout=lora.dropout, rslora=lora.rslora)
 
 

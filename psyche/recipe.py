@@ -36,7 +36,7 @@ from pathlib import Path
 import click
 
 from psyche.config import ConfigError, RunConfig
-from psyche.evaluate import credit, extract_answer
+from psyche.evaluate import credit, exact, extract_answer
 from psyche.pceb import Item
 from psyche.task import (TYPES, Teacher, balance, course_read, group_by_type, is_challenge, item_to_sft_messages,
                          item_type_of, make_splits, slip_applies, task_prompt)
@@ -302,7 +302,7 @@ def evaluate_model(model_dir: Path, items: list[Item], rc) -> tuple[dict, dict]:
     ok, cred = {}, {}
     for it in items:
         pred = extract_answer(resp[it.id], it.qtype)
-        ok[it.id] = float(bool(pred) and set(pred) == set(it.answer))
+        ok[it.id] = float(exact(pred, it.answer))
         cred[it.id] = credit(pred, it.answer)
     pct = lambda xs: 100.0 * sum(xs) / max(len(xs), 1)  # noqa: E731
     ch = {it.id: is_challenge(it) for it in items}

@@ -11,7 +11,7 @@ import math
 import re
 from typing import Callable
 
-from psyche.evaluate import credit, extract_answer
+from psyche.evaluate import credit, exact, extract_answer
 
 RewardFn = Callable[[str, str, object], float]
 REGISTRY: dict[str, RewardFn] = {}
@@ -52,7 +52,7 @@ def format_reward(prompt: str, completion: str, item=None) -> float:
 def accuracy_reward(prompt: str, completion: str, item) -> float:
     """Strict: 1 when the extracted letters equal the gold set, else 0 (missing answers score 0)."""
     pred = extract_answer(completion, _qtype(item))
-    return 1.0 if pred and set(pred) == set(str(_field(item, "answer")).strip()) else 0.0
+    return 1.0 if exact(pred, str(_field(item, "answer")).strip()) else 0.0
 
 
 @register("accuracy_elastic")

@@ -1,4 +1,5 @@
-"""Rollout sampling with a KV cache: prefill, decode_one_token, sample, record, and `generate` around them.
+"""Rollout sampling with a KV cache: `generate` around psyche/decode.py's prefill, decode step and sampling
+(re-exported here), on the eager path or psyche/static_decode.py's.
 
 What `generate` returns for each completion is what GRPO needs: the sampled token ids, the log-prob of
 each under the distribution it was drawn from, a mask, the length, and whether it ended on a stop token.

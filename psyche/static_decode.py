@@ -1,4 +1,4 @@
-"""The static decode path: `sampler.decode_step` over fixed shapes, so it can be replayed as a CUDA graph
+"""The static decode path: `psyche.decode.decode_step` over fixed shapes, so it can be replayed as a CUDA graph
 (the default on CUDA) or compiled.
 
 The N rows of a `generate` call (psyche/sampler.py) are padded to a batch B on a ladder of a few sizes (1, 2, 4, 8, 12, 16, 24,
@@ -11,9 +11,10 @@ calls (`Slots`), so a step recorded on them replays on the same addresses:
   costs one capture. On the CPU there is nothing to capture: the same warm-up, restore and calls run
   eagerly, so the path's logic is tested without a GPU.
 - path "compiled": `torch.compile` of the step (fullgraph, static shapes; CUDA graphs on CUDA), one compile
-  per new shape. The host looks at the decode every STOP_CHECK_EVERY tokens (sampler.Decoder's
-check): once at most half the batch still runs, the running rows move to a batch half the size or less
-(rebucketing, never below REBUCKET_MIN rows).
+  per new shape.
+On every static path the host looks at the decode every STOP_CHECK_EVERY tokens (psyche.decode.Decoder.check):
+once at most half the batch still runs, the running rows move to a batch half the size or less (rebucketing,
+never below REBUCKET_MIN rows).
 """
 
 from __future__ import annotations

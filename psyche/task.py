@@ -368,11 +368,11 @@ def grade(item: Item, response: str) -> dict[str, bool]:
     option lines against the lines its own reading gives (lines), its answer against the options it marks
     (letters), and the answer against the key (correct). Each step is judged on the reply's own earlier steps,
     so an early slip is counted once, where it happens."""
-    from psyche.evaluate import extract_answer
+    from psyche.evaluate import exact, extract_answer
 
     out = dict.fromkeys(SKILLS, False)
     pred = extract_answer(response, item.qtype)
-    out["correct"] = bool(pred) and set(pred) == set(item.answer)
+    out["correct"] = exact(pred, item.answer)
     m = SCORING_LINE.search(response.split("</think>")[0])
     if not m:
         return out

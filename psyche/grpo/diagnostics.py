@@ -199,7 +199,7 @@ class StepDiagnostics:
 @torch.no_grad()
 def kl_check(policy, ref, batch, temperature: float, chunk: int = 256) -> dict:
     """Exact KL_t at every completion position t (psyche.grpo.completion_kl) against the one-sample estimates
-    k1, k2, k3 (psyche.grpo.loss.kl_estimate) of the sampled token y_t ~ π:
+    k1, k2, k3 (psyche.grpo.kl.kl_estimate) of the sampled token y_t ~ π:
 
         kl_exact = mean_t KL_t          kl_k{i} = mean_t k_i,t
         kl_bias/k{i} = mean_t (k_i,t − KL_t)      kl_abs_err/k{i} = mean_t |k_i,t − KL_t|

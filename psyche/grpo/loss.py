@@ -193,11 +193,6 @@ def _ratio_stats(ratio: torch.Tensor, mb: torch.Tensor) -> dict:
             "ratio_min": torch.where(some, r.masked_fill(~mb, torch.inf).min(), 1.0)}
 
 
-# ---- policy-loss variants (grpo.policy_loss; "ppo" is `policy_loss` above) ----
-# Each returns (loss, stats) like `policy_loss`, takes the same aggregation arguments and the same optional
-# rollout-correction weights (multiplied into the per-token loss, as verl does), and follows verl 0.9.1's
-# core_algos; where it differs, its docstring says so.
-
 def _weighted(loss_tok, mask, agg, weights, **counts):
     """aggregate(w · ℓ): the per-token loss times the rollout-correction weights (when given)."""
     return aggregate(loss_tok if weights is None else loss_tok * weights, mask, agg, **counts)
@@ -430,7 +425,7 @@ class LossConfig:
         """The loss settings of a run config's grpo section `g` (the one place they are read from it)."""
         derived = {"agg": g.loss_agg, "norm_length": g.norm_length or g.max_new_tokens,
                    "kl_in_loss": g.kl_mode == "loss"}
-        same = {f.name: getattr(g, f.name) for f in fields(cls) if f.name not in derived and hasattr(g, f.name)}
+        same = {f.name: getattr(g, f.name) for f in fields(cls) if f.name not in derived}  # a renamed key fails here
         return cls(**same, **derived)
 
 

@@ -22,7 +22,7 @@ normalised "answer"), which `train.py --stage grpo` (challenge) and `--stage sft
 
 from __future__ import annotations
 
-from psyche.evaluate import extract_answer, item_letters
+from psyche.evaluate import exact, extract_answer, item_letters
 from psyche.pipeline.backends import Failure, stable_seed
 from psyche.pipeline.io import Journal, Result, Summary, item_key, run_step
 from psyche.pipeline.questions import to_item
@@ -76,7 +76,7 @@ def select_challenges(items, selectors, k: int = 1, *, keys: list[str] | None = 
                     preds.append(None)
                 else:
                     preds.append(extract_answer(reply, it.qtype, item_letters(it)))
-            good = sum(1 for p in preds if p and set(p) == set(it.answer))
+            good = sum(1 for p in preds if exact(p, it.answer))
             rec["answers"][name], rec["correct"][name] = preds, good
             solved[i] = solved[i] or good > 0
     challenge, rest = [], []

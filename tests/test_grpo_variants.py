@@ -243,6 +243,27 @@ def test_all_equal_groups_give_zero_advantages_and_whitening_is_by_tokens():
     a = compute_advantages(torch.tensor([0.0, 3.0, 1.0, 1.0]), 4, estimator="grpo_passk", eps=0.0)
     assert torch.allclose(a, torch.tensor([0.0, 2.0 / torch.tensor([0.0, 3.0, 1.0, 1.0]).std(), 0.0, 0.0]))
     assert torch.allclose(token_whiten(torch.tensor([2.0, 2.0]), torch.tensor([1, 1])), torch.zeros(2))
+    # eps = 0 (accepted by validation): an all-equal group, or a whole all-equal batch, gives 0, never NaN
+    for est in ("grpo", "batch_std", "grpo_passk"):
+        for rewards in (r, torch.ones(8)):
+            a = compute_advantages(rewards, 4, estimator=est, eps=0.0)
+            assert torch.isfinite(a).all() and (a[4:] == 0).all(), (est, a)
+
+
+def test_batch_std_uses_the_whole_batch_over_ranks():
+    """batch_std's std is the global batch's: two ranks with half the groups each, summing through `reduce`,
+    give the one-rank advantages (as verl computes them on the whole batch)."""
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.3, 0.9, 0.1, 0.2], dtype=torch.float64)
+    one = compute_advantages(r, 4, estimator="batch_std")
+    halves, mean = [r[:4], r[4:]], r.mean()
+    # what the other rank adds at each of batch_std's two sums: (count, Σr), then Σ(r − global mean)²
+    theirs = {k: iter([[4, halves[1 - k].sum()], [((halves[1 - k] - mean) ** 2).sum()]]) for k in (0, 1)}
+
+    def reduce_for(rank):  # sums each entry over both ranks, as psyche.dist.sum_over_ranks does
+        return lambda xs: [float(a) + float(b) for a, b in zip(xs, next(theirs[rank]))]
+
+    two = torch.cat([compute_advantages(halves[k], 4, estimator="batch_std", reduce=reduce_for(k)) for k in (0, 1)])
+    assert torch.allclose(one, two, rtol=1e-12, atol=0)
 
 
 def test_ratios_at_the_clip_bounds_and_an_empty_mask():

@@ -105,8 +105,12 @@ def rloo(r, ctx):
 
 @estimator("batch_std", min_group=lambda ddof: max(2, ddof + 1))
 def batch_std(r, ctx):
-    """A_i = (r_i − mean_g r) / (std_batch r + eps): the group mean, the std over this rank's batch"""
-    return _centred(r) / (r.flatten().std(correction=ctx.std_ddof) + ctx.eps)
+    """A_i = (r_i − mean_g r) / (std_batch r + eps): the group mean, the std over the whole batch (all ranks)"""
+    reduce = ctx.reduce or _one_process
+    n, s = reduce([r.numel(), r.sum()])
+    (ss,) = reduce([((r - s / n) ** 2).sum()])
+    std = (ss / max(n - ctx.std_ddof, 1)) ** 0.5
+    return _centred(r) / (std + ctx.eps) if std > 0 else torch.zeros_like(r)  # eps = 0: no 0/0
 
 
 @estimator("reinforce_pp", min_group=1, needs_lengths=True)
@@ -132,7 +136,8 @@ def opo(r, ctx):
 def grpo_passk(r, ctx):
     """A_best = (r_max − r_second) / (std_g r + eps), every other A_i = 0: only the best learns (pass@k)"""
     top, idx = torch.topk(r, 2, dim=1)  # torch.topk's choice among ties
-    gap = (top[:, 0] - top[:, 1]) / (r.std(dim=1) + ctx.eps)  # std unbiased
+    std = r.std(dim=1)  # unbiased
+    gap = torch.where(std > 0, (top[:, 0] - top[:, 1]) / (std + ctx.eps), 0.0)  # eps = 0: no 0/0
     return torch.zeros_like(r).scatter_(1, idx[:, :1], gap[:, None])
 
 

@@ -367,9 +367,9 @@ def cpsyexam_submission(items: list[Item], responses: dict[str, str], n_shot: in
 
 
 def read_predictions(path: str | Path, items: list[Item] | None = None) -> dict[str, str]:
-    """A predictions JSONL -> {id: response}. Each line needs `id` and `response` (other keys are ignored).
-    Malformed JSON, a missing key, a duplicate id, or (given `items`) an unknown id is an error naming the
-    file and line."""
+    """A predictions JSONL -> {id: response}. Each line needs `id` and `response`, both strings (other keys are
+    ignored). Malformed JSON, a missing key, an id or response of another type, a duplicate id, or (given
+    `items`) an unknown id is an error naming the file and line."""
     path = Path(path)
     known = None if items is None else {it.id for it in items}
     out = {}
@@ -386,6 +386,8 @@ def read_predictions(path: str | Path, items: list[Item] | None = None) -> dict[
             for key in ("id", "response"):
                 if key not in rec:
                     raise BenchmarkError(f"{path}:{lineno}: missing '{key}'")
+            if not isinstance(rec["id"], str):
+                raise BenchmarkError(f"{path}:{lineno}: 'id' must be a string, got {type(rec['id']).__name__}")
             if not isinstance(rec["response"], str):
                 raise BenchmarkError(f"{path}:{lineno}: 'response' must be a string")
             if known is not None and rec["id"] not in known:

@@ -260,6 +260,9 @@ def test_accuracy_summary_on_generated_items():
     (['{"id": "nope#0", "response": "A"}'], r"p\.jsonl:1: unknown id 'nope#0'"),
     (['{"id": "theory/single/x/a.json#0", "response": "A"}'] * 2, r"p\.jsonl:2: duplicate id"),
     (['{"id": "theory/single/x/a.json#0", "response": null}'], r"p\.jsonl:1: 'response' must be a string"),
+    (['{"id": ["theory/single/x/a.json#0"], "response": "A"}'], r"p\.jsonl:1: 'id' must be a string, got list"),
+    (['{"id": {"n": 0}, "response": "A"}'], r"p\.jsonl:1: 'id' must be a string, got dict"),
+    (['{"id": 7, "response": "A"}'], r"p\.jsonl:1: 'id' must be a string, got int"),
 ])
 def test_bad_predictions_name_file_and_line(tmp_path, lines, match):
     root, _ = make_pceb(tmp_path)

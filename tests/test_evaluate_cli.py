@@ -50,6 +50,14 @@ def test_score_cli_table_json_and_errors(tmp_path):
     assert r.exit_code != 0 and "bad.jsonl:2: missing 'response'" in r.output
 
 
+def test_score_cli_names_the_line_of_an_id_that_is_not_a_string(tmp_path):
+    root, _ = make_pceb(tmp_path)
+    (tmp_path / "ids.jsonl").write_text('{"id": "theory/single/x/a.json#0", "response": "A"}\n'
+                                        '{"id": ["theory/multiple/x/b.json#0"], "response": "B"}\n')
+    r = run("score", "--data", root, tmp_path / "ids.jsonl")
+    assert r.exit_code == 1 and "ids.jsonl:2: 'id' must be a string, got list" in r.output
+
+
 def test_score_cli_cpsyexam(tmp_path):
     path = make_cpsyexam(tmp_path)
     write_preds(tmp_path / "dev.jsonl", {"dev/KG-GEE-普通心理学-单项选择题.json#0": "A"})

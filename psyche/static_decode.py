@@ -53,11 +53,13 @@ GRAPH_WARMUP = 2  # decode steps run before a capture (autotuning, lazy initiali
 
 
 def weights_key(model) -> tuple:
-    """What a captured step read besides its buffers: the addresses of the model's parameters and buffers, the
-    autocast state and which LoRA adapters are on. A graph replays only where these are the same (another model,
-    or the same one re-gathered elsewhere, gets a new capture); no model is kept alive by the key."""
+    """What a captured step read besides its buffers: the addresses of the model's parameters, its buffers and
+    its rotary cos/sin tables (a plain attribute, rebuilt when it grows or moves), the autocast state and which
+    LoRA adapters are on. A graph replays only where these are the same (another model, the same one re-gathered
+    elsewhere, or a rebuilt table gets a new capture); no model is kept alive by the key."""
     device = model.lm_head.weight.device.type
     tensors = [*model.parameters(), *model.buffers()]  # (under dist.unsharded: the gathered parameters)
+    tensors += [t for m in model.modules() if getattr(m, "_table", None) is not None for t in m._table]
     return (tuple((t.to_local() if hasattr(t, "to_local") else t).data_ptr() for t in tensors), torch.is_autocast_enabled(device),
             torch.get_autocast_dtype(device), tuple(m.lora_enabled for m in model.modules() if hasattr(m, "lora_enabled")))
 

@@ -472,3 +472,17 @@ def test_the_graph_path_decodes_each_model_with_its_own_weights(monkeypatch):
         _same_rollout(generate(m, RAGGED, path="graph", **kw), generate(m, RAGGED, path="eager", **kw))
     slots = [x for xs in sd._POOL.values() for x in xs]
     assert slots and all(x.weights == sd.weights_key(a) and len(x.graphs) <= 1 for x in slots)
+
+
+def test_a_rebuilt_rotary_table_changes_the_graph_key():
+    """A captured step reads the rotary cos/sin tables by address, and they are a plain attribute (not a buffer)
+    that is rebuilt when it grows or moves: the key a graph replays under must change with them."""
+    import psyche.static_decode as sd
+
+    m = build_model(tiny_config(vocab=40), seed=1).eval()
+    rot, device = m.model.rotary_emb, m.lm_head.weight.device
+    rot.reserve(m.config.max_position_embeddings, device)
+    before, old = sd.weights_key(m), rot._table
+    assert sd.weights_key(m) == before  # the same table: the same key
+    rot.reserve(2 * m.config.max_position_embeddings, device)  # grows: new tensors (`old` keeps the first alive)
+    assert rot._table is not old and sd.weights_key(m) != before

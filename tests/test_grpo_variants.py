@@ -83,6 +83,28 @@ def test_policy_losses_equal_verl(dtype, with_weights):
             assert all(v.dim() == 0 for v in stats.values())  # statistics stay 0-d tensors
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ppo_equals_verl_where_the_log_ratio_is_beyond_its_clamp(dtype):
+    """Tokens whose log-ratio is past ±20 (a stale or mismatched old policy): the loss and its gradient equal
+    verl's vanilla PPO, which clamps the log-ratio before exp (no inf in fp32, no gradient past the bound)."""
+    ca, _, _, ActorConfig, PolicyLossConfig = _verl()
+    logp, old, adv, mask = _tensors(dtype)
+    logp = logp.clone()
+    logp[0, 0], logp[1, 1], logp[2, 0] = old[0, 0] + 25, old[1, 1] - 30, old[2, 0] + 100  # fp32: exp(100) = inf
+    adv = adv.clone()
+    adv[:3] = torch.tensor([-1.0, 1.0, -0.5], dtype=dtype)
+    m = mask.to(dtype)
+    cfg = _actor(ActorConfig, PolicyLossConfig, "vanilla", clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2,
+                 clip_ratio_c=1e12)  # verl's dual clip is always on: here so loose that it never binds
+    mine, g_mine = _grad(lambda lp: policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.2, dual_clip=1e12)[0],
+                         logp)
+    ref, g_ref = _grad(lambda lp: ca.get_policy_loss_fn("vanilla")(old, lp, adv[:, None].expand_as(lp) * m, m,
+                                                                     loss_agg_mode="token-mean", config=cfg)[0], logp)
+    assert torch.isfinite(mine) and torch.allclose(mine, ref, rtol=TOL[dtype], atol=TOL[dtype]), (mine, ref)
+    assert torch.allclose(g_mine, g_ref, rtol=TOL[dtype], atol=TOL[dtype])
+    assert g_mine[0, 0] == 0 and g_mine[2, 0] == 0  # past the bound: no gradient
+
+
 def _weighted_case(dtype, mode, seed=0):
     """8 rows x 12 tokens in groups of 4: current = old + 0.3·randn, sampler = old + 0.3·randn, and the
     rollout-correction weights of `mode` (token TIS at 1.2 or token MIS in [0.8, 1.2]) with some tokens cut."""

@@ -10,7 +10,8 @@ from typing import Callable
 
 import torch
 
-LOG_RATIO_BOUND = 20.0  # log-ratios are clamped to ±20 before exp where verl does (cispo, sapo, IS weights)
+LOG_RATIO_BOUND = 20.0  # log-ratios are clamped to ±20 before exp where verl does (PPO's token ratio, cispo,
+#                         sapo, the IS weights)
 
 
 def frac(x: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:

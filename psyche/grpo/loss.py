@@ -130,7 +130,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
 
     logp, old_logp, mask: (B, T); advantages: (B,). Returns (loss, stats).
 
-    ratio_level "token":    ρ_{i,t} = exp(lp_{i,t} − lp_old_{i,t})
+    ratio_level "token":    ρ_{i,t} = exp(clamp(lp_{i,t} − lp_old_{i,t}, ±20))   (the clamp as verl's)
     ratio_level "sequence": ρ_{i,t} = exp(sg(log s_i) + lp_{i,t} − sg(lp_{i,t})),
                             s_i = exp(Σ_t m·(lp − lp_old) / Σ_t m)                (GSPO)
     ℓ_{i,t} = max(−A_i ρ, −A_i clip(ρ, 1 − clip_low, 1 + clip_high))            (PPO; DAPO when high > low)
@@ -169,7 +169,7 @@ def _ppo_tokens(logp, old_logp, advantages, mask, clip_low, clip_high, ratio_lev
     m = mask.to(logp.dtype)
     log_ratio = (logp - old_logp) * m
     if ratio_level == "token":
-        ratio = torch.exp(log_ratio)
+        ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))  # as verl: no inf, no huge gradient
     else:  # GSPO-token: value s_i, gradient per token (see policy_loss)
         seq = log_ratio.sum(-1) / m.sum(-1).clamp(min=1)  # (B,) log s_i
         ratio = torch.exp(seq.detach()[:, None] + (logp - logp.detach()))

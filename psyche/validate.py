@@ -215,6 +215,9 @@ def _policy_loss(g):
           f"must be below grpo.clip_cov_ub={g.clip_cov_ub}")
     _at_least("grpo.kl_cov_coef", g.kl_cov_coef, 0)
     rc = ROLLOUT_CORRECTIONS.get(g.rollout_correction)
+    _need(rc is None or g.old_logprobs == "recompute", "grpo.rollout_correction", g.rollout_correction,
+          "corrects the trainer's old log-probs against the sampler's; with grpo.old_logprobs = \"sampler\" they "
+          "are the same and every weight would be 1 (set old_logprobs = \"recompute\")")
     if rc is not None and not rc.band:
         _need(g.rc_threshold >= 1, "grpo.rc_threshold", g.rc_threshold,
               "must be >= 1 for TIS (weights above it are truncated; below 1 every token would be)")

@@ -62,6 +62,8 @@ RULES = [
     (GRPO, "grpo", 1, ['grpo.rollout_correction="tis"', "grpo.rc_threshold=0.5"],
      "grpo.rc_threshold=0.5: must be >= 1 for TIS"),
     (GRPO, "grpo", 1, ['grpo.rollout_correction="seq_mis"', "grpo.rc_low=1.2"], "grpo.rc_low=1.2: MIS keeps"),
+    (GRPO, "grpo", 1, ['grpo.rollout_correction="mis"', 'grpo.old_logprobs="sampler"'],
+     "grpo.rollout_correction='mis': corrects the trainer's old log-probs against the sampler's"),
     (GRPO, "grpo", 1, ["grpo.group_size=1", 'grpo.advantage="grpo_passk"'], "estimator 'grpo_passk' needs >= 2"),
     (GRPO, "grpo", 1, ["grpo.temperature=-0.5"], "grpo.temperature=-0.5: must be > 0"),
     (GRPO, "grpo", 1, ["grpo.clip_high=-0.1"], "grpo.clip_high=-0.1: must be >= 0"),

@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from psyche.metrics import jsonl_lines
+
 IGNORE = -100  # label of positions that carry no loss
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -50,6 +52,20 @@ class DataError(ValueError):
 
 
 # ---- reading files ----
+
+TOO_DEEP = "nested too deeply to read"  # json's parser recurses once per level: Python's limit ends it
+
+
+def read_utf8(path: Path) -> str:
+    """The file's text; a DataError naming the file and line of the first byte that is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save the "
+                        "file as UTF-8") from None
+
 
 def _json_array(text: str, path: Path):
     """(item, line) for each element of a top-level JSON array, with the line where the element starts."""
@@ -67,6 +83,8 @@ def _json_array(text: str, path: Path):
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}:1: invalid JSON: {TOO_DEEP}") from None
         yield obj, 1  # a single object
         return
     i = skip(i + 1)
@@ -75,6 +93,8 @@ def _json_array(text: str, path: Path):
             obj, end = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}:{text.count(chr(10), 0, i) + 1}: invalid JSON: {TOO_DEEP}") from None
         yield obj, text.count("\n", 0, i) + 1
         i = skip(end)
         if i < n and text[i] == ",":
@@ -91,18 +111,20 @@ def read_records(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if path.suffix == ".json":
         items = _json_array(text, path)
     else:
         def jsonl():
-            for lineno, line in enumerate(text.splitlines(), 1):
+            for lineno, line in enumerate(jsonl_lines(text), 1):
                 if not line.strip():
                     continue
                 try:
                     yield json.loads(line), lineno
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: invalid JSON (column {e.colno}): {e.msg}") from None
+                except RecursionError:
+                    raise DataError(f"{path}:{lineno}: invalid JSON: {TOO_DEEP}") from None
         items = jsonl()
     for obj, line in items:
         where = f"{path}:{line}"

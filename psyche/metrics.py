@@ -15,6 +15,17 @@ from pathlib import Path
 METRICS_NAME = "metrics.jsonl"
 
 
+def jsonl_lines(text: str) -> list[str]:
+    r"""The lines of a JSONL text, split at "\n" alone (a trailing "\r" removed), so that the i-th item is line i.
+
+    Not str.splitlines(): that also splits at U+2028, U+2029, U+0085 and other separators, which JSON allows raw
+    inside a string and which json.dumps(..., ensure_ascii=False) writes raw. A final newline ends the last
+    line; it does not start an empty one.
+    """
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    return lines[:-1] if lines[-1] == "" else lines
+
+
 def _jsonable(v):
     if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
         v = v.item()  # 0-d tensors and numpy scalars
@@ -49,7 +60,7 @@ class MetricsLogger:
 
     def _truncate_after(self, step: int):
         keep = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in jsonl_lines(self.path.read_text(encoding="utf-8")):
             try:
                 if json.loads(line).get("step", 0) <= step:
                     keep.append(line)
@@ -83,7 +94,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS_NAME
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = jsonl_lines(path.read_text(encoding="utf-8"))
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():

@@ -37,6 +37,7 @@ import click
 
 from psyche.config import ConfigError, RunConfig
 from psyche.evaluate import credit, exact, extract_answer
+from psyche.metrics import jsonl_lines
 from psyche.pceb import Item
 from psyche.task import (TYPES, Teacher, balance, course_read, group_by_type, is_challenge, item_to_sft_messages,
                          item_type_of, make_splits, slip_applies, task_prompt)
@@ -109,7 +110,7 @@ def item_record(it: Item) -> dict:
 def read_items(path: Path) -> list[Item]:
     keys = ("id", "category", "qtype", "question", "options", "answer", "analysis", "case_text", "subject", "ref")
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in jsonl_lines(Path(path).read_text(encoding="utf-8")):
         r = json.loads(line)
         out.append(Item(**{k: r[k] for k in keys if k in r}))
     return out

@@ -76,6 +76,42 @@ def test_bad_json_array_names_line(tmp_path):
         load_messages([p])
 
 
+def test_line_separators_inside_strings_are_text_not_line_breaks(tmp_path):
+    r"""U+2028, U+2029 and U+0085 are legal raw inside a JSON string (ensure_ascii=False writes them raw); only
+    "\n" ends a JSONL line, and a CRLF file reads alike."""
+    text = "one\u2028two\u2029three\x85four"
+    rows = [{"messages": [U(text), A("a")]}, {"messages": [U("q"), A("b")]}]
+    p = _jsonl(tmp_path, rows)
+    assert "\u2028" in p.read_text(encoding="utf-8")
+    assert [(r["messages"][0]["content"], w) for r, w in read_records(p)] == [(text, f"{p}:1"), ("q", f"{p}:2")]
+    crlf = tmp_path / "crlf.jsonl"
+    crlf.write_bytes(p.read_bytes().replace(b"\n", b"\r\n") + b'{"mess\r\n')
+    with pytest.raises(DataError, match=rf"^{crlf}:3: invalid JSON"):
+        load_messages([crlf])
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_unreadable_text_names_file_and_line(tmp_path, suffix):
+    """Bytes that are not UTF-8, and a record nested too deeply for the parser, are DataErrors naming the file
+    and the line (the third line in both layouts)."""
+    good = json.dumps({"messages": [U("q"), A("a")]}).encode()
+    latin1 = '{"messages": [{"role": "user", "content": "caf\u00e9"}]}'.encode("latin-1")
+    deep = ('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}").encode()
+
+    def write(name, bad):
+        f = tmp_path / f"{name}{suffix}"
+        f.write_bytes(b"\n".join([good, good, bad]) + b"\n" if suffix == ".jsonl" else
+                      b"[" + good + b",\n" + good + b",\n" + bad + b"]\n")
+        return f
+
+    p = write("latin1", latin1)
+    with pytest.raises(DataError, match=rf"^{p}:3: not UTF-8 text \(byte 0xe9 at offset"):
+        load_messages([p])
+    p = write("deep", deep)
+    with pytest.raises(DataError, match=rf"^{p}:3: invalid JSON: nested too deeply to read$"):
+        load_messages([p])
+
+
 def test_empty_dataset_errors(tmp_path, tok):
     with pytest.raises(DataError, match="empty dataset"):
         load_messages([_jsonl(tmp_path, ["", "  "])])

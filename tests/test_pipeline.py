@@ -400,6 +400,46 @@ def test_journal_repairs_a_torn_commit(tmp_path):
         assert not j.done and j.records("out") == []
 
 
+def test_jsonl_readers_split_lines_at_newline_only(tmp_path):
+    """U+2028, U+2029 and U+0085 are legal raw inside JSON strings, and json.dumps(ensure_ascii=False) writes them
+    raw: every JSONL reader keeps them as text (str.splitlines() would cut the record there)."""
+    from psyche.metrics import MetricsLogger, read_metrics
+    from psyche.pceb import Item
+    from psyche.recipe import _jsonl, read_items
+
+    text = "第一行\u2028第二行\u2029第三段\x85完"
+    inp = jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": text}, {"id": "b", "text": "x"}])
+    assert [(r["text"], w) for r, w in read_records(inp)] == [(text, f"{inp}:1"), ("x", f"{inp}:2")]
+    out = tmp_path / "o.jsonl"
+    step = lambda b: (Result(k, "kept", outputs={"out": [r]}, detail={"note": text}) for k, r, _ in b)  # noqa: E731
+    with Journal({"out": out}) as j:
+        run_step("t", read_records(inp), j, step, progress=False)
+    with Journal({"out": out}) as j:  # reopened: the log and the outputs read back whole
+        assert j.done == {"a": "kept", "b": "kept"} and j.records("out")[0]["text"] == text
+
+    log = MetricsLogger(tmp_path)
+    for s in (1, 2, 3):
+        log.log(s, {"note": text})
+    log.close()
+    assert [r["note"] for r in read_metrics(tmp_path)] == [text] * 3
+    MetricsLogger(tmp_path, resume_step=2).close()  # truncating keeps the lines whole
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+    item = Item(id="i1", category="theory", qtype="single", question=text, options={"A": text, "B": "b"}, answer="A")
+    _jsonl(tmp_path / "items.jsonl", [vars(item)])  # the recipe's own writer
+    assert read_items(tmp_path / "items.jsonl") == [item]
+
+
+def test_input_that_is_not_utf8_or_nested_too_deeply_names_file_and_line(tmp_path):
+    p = tmp_path / "in.jsonl"
+    p.write_bytes(b'{"id": "a"}\n{"id": "caf\xe9"}\n')
+    with pytest.raises(PipelineError, match=rf"^{p}:2: not UTF-8 text \(byte 0xe9"):
+        read_records(p)
+    p.write_text('{"id": "a"}\n{"x": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(PipelineError, match=rf"^{p}:2: invalid JSON: nested too deeply"):
+        read_records(p)
+
+
 # ---------------------------------------------------------------- the HTTP client against a misbehaving server
 
 class Misbehaving(BaseHTTPRequestHandler):

@@ -28,6 +28,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from psyche.metrics import jsonl_lines
+
 DONE = ("kept", "dropped")
 
 
@@ -48,24 +50,34 @@ def read_records(path: str | Path) -> list[tuple[dict, str]]:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: input file not found")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise PipelineError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save "
+                            "the file as UTF-8") from None
     out = []
     if path.suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise PipelineError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        except RecursionError:
+            raise PipelineError(f"{path}: invalid JSON: nested too deeply to read") from None
         data = data if isinstance(data, list) else [data]
         for i, rec in enumerate(data):
             out.append((rec, f"{path}[{i}]"))
     else:
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(jsonl_lines(text), 1):
             if not line.strip():
                 continue
             try:
                 out.append((json.loads(line), f"{path}:{lineno}"))
             except json.JSONDecodeError as e:
                 raise PipelineError(f"{path}:{lineno}: invalid JSON (column {e.colno}): {e.msg}") from None
+            except RecursionError:
+                raise PipelineError(f"{path}:{lineno}: invalid JSON: nested too deeply to read") from None
     for rec, where in out:
         if not isinstance(rec, dict):
             raise PipelineError(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -146,7 +158,7 @@ class Journal:
         expected: Counter = Counter()
         if self.log_path.exists():
             _cut_lines(self.log_path)  # drops a torn last line
-            for i, line in enumerate(self.log_path.read_text(encoding="utf-8").splitlines(), 1):
+            for i, line in enumerate(jsonl_lines(self.log_path.read_text(encoding="utf-8")), 1):
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -172,7 +184,7 @@ class Journal:
         """The records already in an output (e.g. to rebuild a dedup index on resume)."""
         self._files[name].flush()
         text = self.paths[name].read_text(encoding="utf-8")
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [json.loads(line) for line in jsonl_lines(text) if line.strip()]
 
     def commit(self, r: Result):
         """Append the item's outputs, then its log line; both flushed before returning."""

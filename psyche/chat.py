@@ -70,11 +70,15 @@ def chat(model_dir, preset, system, temperature, top_p, top_k, max_new_tokens, s
     """Chat with a checkpoint in the terminal."""
     import torch
 
-    from psyche.sampler import SamplingParams, generate
+    from psyche.config import SamplingError, SamplingParams
+    from psyche.sampler import generate
     from psyche.tokenizer import Tokenizer
     from psyche.weights import load_pretrained
 
-    sampling = SamplingParams(temperature, top_p, top_k)
+    try:
+        sampling = SamplingParams(temperature, top_p, top_k)
+    except SamplingError as e:  # e.g. a temperature too small to divide the logits by
+        raise click.BadParameter(str(e), param_hint="--" + e.key.replace("_", "-")) from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_pretrained(model_dir, dtype=getattr(torch, dtype) if dtype else None, device=device)
     if max_new_tokens >= cfg.max_position_embeddings:

@@ -15,15 +15,40 @@ from pathlib import Path
 from psyche.model_config import ConfigError
 
 
+class SamplingError(ValueError):
+    """A SamplingParams field out of range; `key` names the field and the message says what it must be."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key} {message}")
+        self.key = key
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How a token is drawn from the logits (psyche.sampler.sample): one value for the sampler, the engine,
-    evaluation and GRPO alike."""
+    evaluation and GRPO alike. Every field is checked when it is made: a value out of range is a SamplingError
+    naming the field."""
 
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
+    temperature: float = 1.0  # 0: greedy; else at least MIN_TEMPERATURE
+    top_p: float = 1.0  # in (0, 1]; the most probable token is always kept
     top_k: int = 0  # 0: off
-    min_p: float = 0.0
+    min_p: float = 0.0  # in [0, 1]
+
+    # A temperature above 0 and below this is refused: logits / temperature overflow fp32 to inf from about 1e-37
+    # on (which reads as broken weights), and one this small already samples as greedy but for near-ties.
+    MIN_TEMPERATURE: typing.ClassVar[float] = 1e-5
+
+    def __post_init__(self):
+        t = self.temperature
+        if not (t == 0 or self.MIN_TEMPERATURE <= t < float("inf")):  # (NaN fails both)
+            raise SamplingError("temperature", f"must be 0 (greedy) or at least {self.MIN_TEMPERATURE} and finite, "
+                                               f"got {t}")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not self.top_k >= 0:
+            raise SamplingError("top_k", f"must be >= 0 (0: off), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise SamplingError("min_p", f"must be in [0, 1], got {self.min_p}")
 
 
 # ============================================================================================================

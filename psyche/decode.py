@@ -107,7 +107,10 @@ def sample(logits, u, params: SamplingParams = SamplingParams()):
     if p.top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
-        sorted_p = torch.where(before < p.top_p * sorted_p.sum(-1, keepdim=True), sorted_p, 0.0)
+        keep = before < p.top_p * sorted_p.sum(-1, keepdim=True)
+        keep[:, :1] = True  # the most probable token always stays: top_p -> 0 is greedy, also where
+        #                     top_p * mass rounds to 0 in fp32 (which would otherwise drop every token)
+        sorted_p = torch.where(keep, sorted_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     cdf = probs.double().cumsum(-1)  # (B, V)
     target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)

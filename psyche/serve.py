@@ -19,8 +19,9 @@ Request rules (POST /v1/chat/completions, a JSON object):
 - messages: a non-empty list of {role: system|user|assistant, content: string or [{type: "text", text}]}.
 - model: when given, must be the served name (404 otherwise).
 - bounds: body <= --max-body bytes (413); 1 <= max_tokens <= --max-tokens; prompt tokens + max_tokens <= the
-  model's max_position_embeddings (400 context_length_exceeded); 1 <= n <= MAX_N; 0 <= temperature <= 2;
-  0 < top_p <= 1; integers are JSON integers (true/false are not).
+  model's max_position_embeddings (400 context_length_exceeded); 1 <= n <= MAX_N; temperature 0 (greedy) or
+  in [1e-5, 2] (SamplingParams.MIN_TEMPERATURE); 0 < top_p <= 1 (the most probable token is always kept);
+  integers are JSON integers (true/false are not).
 - defaults: max_tokens = min(--default-max-tokens, room left in the context); temperature 1, top_p 1;
   seed random when absent (give one for reproducible sampling; temperature 0 is greedy).
 - stream true: Server-Sent Events, one `data: {chat.completion.chunk}` per new piece of text, a final chunk
@@ -47,7 +48,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import click
 
-from psyche.config import SamplingParams
+from psyche.config import SamplingError, SamplingParams
 from psyche.engine import Engine, GenRequest, Overloaded  # noqa: F401 (re-exported: the engine behind the server)
 
 MAX_N = 16
@@ -151,7 +152,10 @@ def parse_request(body, *, tokenizer, model_name: str, max_len: int, max_tokens_
         sampling["top_k"] = _int(body, "top_k", 0, 1 << 20)
     if "min_p" in body:
         sampling["min_p"] = _num(body, "min_p", 0.0, 1.0)
-    g.sampling = SamplingParams(**sampling)
+    try:
+        g.sampling = SamplingParams(**sampling)  # its own checks: e.g. a temperature too small to divide by
+    except SamplingError as e:
+        raise RequestError(400, str(e), e.key, "invalid_value") from None
     if "n" in body:
         g.n = _int(body, "n", 1, MAX_N)
     g.seed = _int(body, "seed", -(1 << 63), (1 << 63) - 1) if "seed" in body else random.getrandbits(62)

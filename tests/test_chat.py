@@ -50,3 +50,8 @@ def test_sampling_defaults_are_the_seeds(tiny_ckpt):
     a = run(tiny_ckpt, "hello\n", "--seed", "1")
     b = run(tiny_ckpt, "hello\n", "--seed", "1")
     assert a == b
+
+
+def test_a_temperature_too_small_to_divide_by_is_a_usage_error(tiny_ckpt):
+    res = CliRunner().invoke(chat, [str(tiny_ckpt), "--temperature", "1e-38"], input="hello\n")
+    assert res.exit_code == 2 and "--temperature" in res.output and "temperature must be 0 (greedy)" in res.output

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from helpers import hf_model, left_padded, psyche_from_hf, tiny_config
+from psyche.config import SamplingError
 from psyche.kv_cache import KVCache
 from psyche.model import build_model
 from psyche.sampler import SamplingParams, generate, row_seeds, sample, uniforms
@@ -132,6 +133,44 @@ def test_truncation_restricts_support():
     assert set(sample(logits, u, SamplingParams(min_p=0.3))[0].tolist()) == {0, 1}  # 0.086 / 0.636 < 0.3
     assert p[1] / p[0] > 0.3
     assert torch.equal(sample(logits, u, SamplingParams(temperature=0))[0], torch.zeros(4000, dtype=torch.long))
+
+
+def test_a_vanishing_top_p_is_greedy():
+    """top_p always keeps the most probable token: 1e-50 (0 in fp32: top_p * mass once dropped every token, and the
+    last vocabulary id came out) gives the argmax, with the untruncated log-prob, as does any small top_p."""
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    u = uniforms(row_seeds(2, 64), 0)
+    for top_p in (1e-50, 1e-7):
+        tok, lp = sample(logits, u, SamplingParams(top_p=top_p))
+        assert torch.equal(tok, logits.argmax(-1)), top_p
+        torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1))
+    m = build_model(tiny_config(vocab=40), seed=1).eval()
+    kw = dict(n=2, max_new_tokens=12)
+    _same_rollout(generate(m, RAGGED, top_p=1e-50, path="eager", **kw),
+                  generate(m, RAGGED, temperature=0.0, path="eager", **kw))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("temperature", 1e-6, "temperature must be 0 .greedy. or at least 1e-05"),  # logits / 1e-38 overflow to inf
+    ("temperature", -0.5, "temperature must be"),
+    ("temperature", float("nan"), "temperature must be"),
+    ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
+    ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
+    ("top_k", -1, "top_k must be >= 0"),
+    ("min_p", 1.5, r"min_p must be in \[0, 1\]"),
+])
+def test_sampling_params_refuse_unusable_values(field, value, match):
+    with pytest.raises(SamplingError, match=match) as e:
+        SamplingParams(**{field: value})
+    assert e.value.key == field and "\n" not in str(e.value)
+
+
+def test_the_smallest_temperature_samples_finite_log_probs():
+    """At MIN_TEMPERATURE (the smallest accepted above 0) logits / temperature stay finite: a sampled token, not
+    a non-finite-logits error; greedy within rounding."""
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(1)) * 30
+    tok, lp = sample(logits, uniforms(row_seeds(3, 64), 0), SamplingParams(SamplingParams.MIN_TEMPERATURE))
+    assert torch.isfinite(lp).all() and torch.equal(tok, logits.argmax(-1))
 
 
 def test_errors(pair):

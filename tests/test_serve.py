@@ -141,6 +141,10 @@ BAD = [
     ("absurd max_tokens", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10 ** 12}, 400,
      "invalid_value"),
     ("zero max_tokens", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "invalid_value"),
+    ("temperature too small to divide by", {"messages": [{"role": "user", "content": "x"}], "temperature": 1e-38},
+     400, "invalid_value"),
+    ("temperature just below the smallest", {"messages": [{"role": "user", "content": "x"}], "temperature": 9e-6},
+     400, "invalid_value"),
     ("n too large", {"messages": [{"role": "user", "content": "x"}], "n": 1000}, 400, "invalid_value"),
     ("stream not bool", {"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400, "invalid_type"),
     ("stop strings", {"messages": [{"role": "user", "content": "x"}], "stop": ["\n"]}, 400, "unsupported"),
@@ -162,6 +166,17 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served, what, body, s
     assert err["message"] and (code is None or err["code"] == code)
     ok, reply = chat(srv, messages=[{"role": "user", "content": "还在吗？"}], max_tokens=3, temperature=0)
     assert ok == 200 and reply["choices"][0]["message"]["content"] is not None
+
+
+def test_a_tiny_temperature_is_refused_and_a_tiny_top_p_is_greedy(served):
+    """temperature 1e-38 would overflow logits / temperature (a 500 blaming the weights, failing batch mates): a 400
+    naming it. top_p 1e-50 (0 in fp32) keeps the most probable token: the greedy reply."""
+    srv, model, tok = served
+    msgs = [{"role": "user", "content": "你好"}]
+    status, body = chat(srv, messages=msgs, max_tokens=8, temperature=1e-38)
+    assert status == 400 and body["error"]["param"] == "temperature" and "temperature" in body["error"]["message"]
+    status, body = chat(srv, messages=msgs, max_tokens=8, top_p=1e-50, seed=3)
+    assert status == 200 and body["choices"][0]["message"]["content"] == alone(model, tok, msgs, 8)[0]
 
 
 def test_wrong_route_and_missing_length(served):

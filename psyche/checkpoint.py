@@ -37,10 +37,12 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint.state_dict as sd_api  # full (unsharded) state dicts under FSDP2
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from psyche import dist
-from psyche.weights import INDEX_NAME, SINGLE_NAME, CheckpointError, atomic_dir, save_state_dict
+from psyche.weights import (INDEX_NAME, SINGLE_NAME, CheckpointError, atomic_dir, safetensors_write_error,
+                            save_safetensors, save_state_dict)
 
 CKPT_DIR = "checkpoints"
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -172,6 +174,17 @@ def _os_reason(e: OSError) -> str:
     return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
 
 
+def _save_pt(obj, f: Path):
+    """torch.save; a failed write (a full disk, a file-size limit) comes back from torch as a RuntimeError that
+    names neither the file nor the cause ("unexpected pos ..."): an OSError naming the file instead."""
+    try:
+        torch.save(obj, f)
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch may append a C++ stack
+        raise OSError(errno.EIO, f"torch.save could not write it ({first}; a full disk or a file-size limit?)",
+                      str(f)) from e
+
+
 def _load_pt(f: Path):
     """A torch.save file of plain tensors and containers (weights_only: never unpickles arbitrary objects)."""
     try:
@@ -211,12 +224,12 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, optimiz
                 if tokenizer is not None:
                     tokenizer.save(tmp)
                 for name, sd in extra_sd.items():
-                    save_file(_distinct_storage(sd), str(tmp / f"{name}.safetensors"))
+                    save_safetensors(_distinct_storage(sd), tmp / f"{name}.safetensors")
                 if optim_sd is not None:
-                    torch.save(optim_sd, tmp / "optimizer.pt")
+                    _save_pt(optim_sd, tmp / "optimizer.pt")
                 trainer = {"state": state or {}, "rng": rngs, "world_size": dist.get_world_size(),
                            "scheduler": scheduler.state_dict() if scheduler is not None else None}
-                torch.save(trainer, tmp / "trainer_state.pt")
+                _save_pt(trainer, tmp / "trainer_state.pt")
                 fault("ckpt_write", step)
                 meta = {"step": step, "world_size": dist.get_world_size(),
                         "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -289,13 +302,16 @@ def export_hf(model: nn.Module, path: str | Path, tokenizer=None, dtype: torch.d
 def export_adapter(model: nn.Module, path: str | Path, lora, base: str) -> Path:
     """A LoRA run's adapters alone (adapter_model.safetensors + adapter_config.json, as PEFT writes them),
     gathered to rank 0 and written atomically. Call on every rank."""
-    from psyche.lora import adapter_config, save_adapter, settings
+    from psyche.lora import ADAPTER_WEIGHTS, adapter_config, save_adapter, settings
 
     sd = full_model_state(model)
     if dist.is_main():
         try:
-            save_adapter(path, sd, adapter_config(**settings(lora), base=base))
-        except OSError as e:
+            try:
+                save_adapter(path, sd, adapter_config(**settings(lora), base=base))
+            except SafetensorError as e:  # the weights file is the one safetensors writes
+                raise safetensors_write_error(e, Path(path) / ADAPTER_WEIGHTS) from e
+        except OSError as e:  # written atomically: a previous export at `path` is still whole
             raise CheckpointError(f"{path}: writing the adapters failed ({_os_reason(e)})") from e
     dist.barrier()
     return Path(path)

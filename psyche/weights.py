@@ -8,8 +8,10 @@ model: a missing, unexpected or misshapen tensor is an error that names the tens
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -125,6 +127,25 @@ def parse_size(s: int | str) -> int:
     return int(s)
 
 
+def safetensors_write_error(e: SafetensorError, f: str | Path) -> OSError:
+    """The OSError behind safetensors' failure to write `f` (a full disk, a file-size limit), naming the file.
+
+    safetensors reports it as a SafetensorError whose message holds the OS error ("... (os error 28)") but not
+    the file; without an error number the message itself is the reason (EIO)."""
+    code = re.search(r"os error (\d+)", str(e))
+    if code:
+        return OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(f))
+    return OSError(errno.EIO, f"safetensors could not write it ({e})", str(f))
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], f: str | Path, metadata: dict | None = None):
+    """safetensors' save_file; a failed write is an OSError naming the file (see safetensors_write_error)."""
+    try:
+        save_file(tensors, str(f), metadata=metadata)
+    except SafetensorError as e:
+        raise safetensors_write_error(e, f) from e
+
+
 def save_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, max_shard_size="5GB"):
     """Write config.json and safetensors (+ index when sharded) into an existing directory."""
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -137,12 +158,12 @@ def save_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path,
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     shards = _shards(state, parse_size(max_shard_size))
     if len(shards) == 1:
-        save_file(shards[0], str(out / SINGLE_NAME), metadata={"format": "pt"})
+        save_safetensors(shards[0], out / SINGLE_NAME, metadata={"format": "pt"})
         return
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        save_safetensors(shard, out / fname, metadata={"format": "pt"})
         for name, t in shard.items():
             weight_map[name] = fname
             total += t.numel() * t.element_size()

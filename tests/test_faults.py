@@ -143,6 +143,72 @@ def test_a_write_that_fails_midway_leaves_the_previous_checkpoint_whole(tmp_path
     assert load_checkpoint(latest_checkpoint(tmp_path), model=model, optimizer=opt)["step"] == 1
 
 
+@pytest.mark.parametrize("fails", ["safetensors", "torch.save"])
+def test_a_write_that_safetensors_or_torch_reports_is_a_checkpoint_error(tmp_path, monkeypatch, tiny_ckpt, fails):
+    """A full disk or a file-size limit reaches us as safetensors' SafetensorError or torch.save's RuntimeError, not
+    as an OSError: still one CheckpointError naming the file, and nothing already written is touched."""
+    from safetensors import SafetensorError
+
+    import psyche.weights
+    from psyche.weights import load_pretrained
+
+    model, _ = load_pretrained(tiny_ckpt)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    save_checkpoint(tmp_path, 1, model=model, optimizer=opt, state={"step": 1}, keep_last=1)
+    before = _tree(tmp_path)
+    if fails == "safetensors":
+        def save_file(*a, **kw):
+            raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+        monkeypatch.setattr(psyche.weights, "save_file", save_file)
+        reason = "(File too large: "
+    else:
+        def save(obj, f, *a, **kw):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        monkeypatch.setattr(torch, "save", save)
+        reason = "(torch.save could not write it ([enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534;"
+    with pytest.raises(CheckpointError) as e:
+        save_checkpoint(tmp_path, 2, model=model, optimizer=opt, state={"step": 2}, keep_last=1)
+    msg = str(e.value)
+    assert f"{tmp_path}/checkpoints/step_00000002: writing the checkpoint failed {reason}" in msg, msg
+    assert ("model.safetensors" if fails == "safetensors" else "optimizer.pt") in msg
+    assert f"the last good checkpoint is {tmp_path}/checkpoints/step_00000001" in msg and "\n" not in msg
+    assert _tree(tmp_path) == before
+
+
+def test_an_export_that_safetensors_fails_to_write_is_a_checkpoint_error(tmp_path, monkeypatch, tiny_ckpt):
+    """export_hf and export_adapter (the files other tools load) alike; a previous export stays whole."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    import psyche.weights
+    from psyche.checkpoint import export_adapter, export_hf
+    from psyche.config import LoraSection
+    from psyche.lora import add_lora, settings
+    from psyche.weights import load_pretrained
+
+    model, _ = load_pretrained(tiny_ckpt)
+    lora = LoraSection(rank=2, alpha=4.0)
+    add_lora(model, **settings(lora), seed=0)
+    export_hf(model, tmp_path / "hf")
+    export_adapter(model, tmp_path / "adapter", lora, str(tiny_ckpt))
+    before = _tree(tmp_path)
+
+    def save_file(*a, **kw):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(psyche.weights, "save_file", save_file)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(CheckpointError) as e:
+        export_hf(model, tmp_path / "hf")
+    assert str(e.value).startswith(f"{tmp_path}/hf: writing the exported model failed (No space left on device: ")
+    assert "model.safetensors)" in str(e.value)
+    with pytest.raises(CheckpointError) as e:
+        export_adapter(model, tmp_path / "adapter", lora, str(tiny_ckpt))
+    assert str(e.value) == (f"{tmp_path}/adapter: writing the adapters failed (No space left on device: "
+                            f"{tmp_path}/adapter/adapter_model.safetensors)")
+    assert _tree(tmp_path) == before
+
+
 def test_an_unreadable_checkpoint_is_named_on_resume(tmp_path):
     out = tmp_path / "run"
     _ok(_run(_sft(out, "sft.max_steps=2", "checkpoint.every=2")))

@@ -136,12 +136,15 @@ def test_prompt_stream_is_a_resumable_shuffle():
 
 
 @pytest.mark.dist
-def test_two_ranks_equal_one_rank(tmp_path):
-    """Same global batch on 1 and 2 ranks (FSDP2, gloo): identical rollouts, and losses/gradients equal."""
+@pytest.mark.parametrize("variant", [[], ['grpo.policy_loss="clip_cov"', "grpo.clip_cov_ratio=0.02",
+                                          "grpo.clip_cov_lb=0.0"]], ids=["ppo", "clip_cov"])
+def test_two_ranks_equal_one_rank(tmp_path, variant):
+    """Same global batch on 1 and 2 ranks (FSDP2, gloo): identical rollouts, and losses/gradients equal; with
+    Clip-Cov, every mini-batch's random draw of tokens is the same on both (seeded by the mini-batch's index)."""
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun not on PATH")
     sets = ["grpo.steps=2", "checkpoint.every=0", "checkpoint.export=false", "grpo.exact_kl=false",
-            "grpo.micro_batch=4"]
+            "grpo.micro_batch=4", *variant]
     _run(tmp_path / "one", *sets)
     cmd = ["torchrun", "--nproc_per_node=2", "--master_port=29533", *_cmd(tmp_path / "two", *sets)[1:]]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -418,7 +418,7 @@ class UpdatePlan:
     """How one rollout becomes optimizer steps: μ = `epochs` passes over it; each pass in mini-batches of
     `mini_batch_rows` rows of this rank (one optimizer step each), each mini-batch in micro-batches of
     `micro_batch` rows (gradient accumulation); gradients clipped to `grad_clip` (0: off); `seed`: Clip-Cov's
-    draw of tokens (per mini-batch: seed + its first row), the same on every rank."""
+    draw of tokens (per mini-batch: seed + its index), the same on every rank and however many there are."""
 
     mini_batch_rows: int
     micro_batch: int
@@ -449,7 +449,7 @@ def update_policy(model, optimizer, batch: RolloutBatch, lc: LossConfig, plan: U
             rows = list(range(start, min(start + plan.mini_batch_rows, N)))
             cov_names = [n for n in selecting_losses() if diag is not None or n == lc.policy_loss]
             if cov_names and epoch == 0:  # chosen before the mini-batch's first update, kept for its epochs
-                select_cov_tokens(batch, rows, lc, cov_names, seed=plan.seed + start)
+                select_cov_tokens(batch, rows, lc, cov_names, seed=plan.seed + start // plan.mini_batch_rows)
             n_tok = dist.sum_over_ranks(batch.mask[rows].sum())  # the loss's normalisers: the whole mini-batch
             n_seq = dist.sum_over_ranks(len(rows))
             optimizer.zero_grad(set_to_none=True)

@@ -207,6 +207,17 @@ class TextStream:
         return new
 
 
+def _readable(sock) -> bool:
+    """Whether `sock` has data, an end of file or an error waiting, without waiting. poll takes any descriptor;
+    select.select (only where poll is missing, e.g. Windows, whose select has no such limit) refuses those
+    >= FD_SETSIZE (1024), which a busy server reaches."""
+    if hasattr(select, "poll"):
+        p = select.poll()
+        p.register(sock, select.POLLIN)
+        return bool(p.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "psyche-serve/0.1"
     timeout = 60  # seconds a client may take to send its request (a stalled client frees its thread)
@@ -249,11 +260,10 @@ class Handler(BaseHTTPRequestHandler):
         return False
 
     def _client_gone(self) -> bool:
-        """The client closed its connection: the socket is readable and at end of file."""
+        """The client closed its connection: the socket is readable and at end of file, or reset."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
+            return _readable(self.connection) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:  # reset by the peer
             return True
 
     def do_GET(self):

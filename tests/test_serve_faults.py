@@ -206,6 +206,67 @@ def test_api_key_required_on_every_route(tiny_ckpt):
         stop(srv)
 
 
+# ---- descriptors above 1023: select.select refuses them, which once read as "the client left" ----
+
+@pytest.fixture
+def low_fds_taken():
+    """Every file descriptor below 1024 in use (pipes), so the next socket, the server's side of a connection
+    included, is above select.select's FD_SETSIZE; yields a socketpair (a, b) made then."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1100:
+        if hard != resource.RLIM_INFINITY and hard < 1100:
+            pytest.skip(f"the open-files limit ({soft}, hard {hard}) is too low to open 1024 descriptors")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1100, hard))
+    fds = []
+    try:
+        while not fds or fds[-1] < 1023:  # os.pipe takes the lowest free descriptors
+            fds += os.pipe()
+        a, b = socket.socketpair()
+        with a, b:
+            assert a.fileno() >= 1024 and b.fileno() >= 1024
+            yield a, b
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_client_gone_on_a_descriptor_above_1023(low_fds_taken):
+    from psyche.serve import Handler
+
+    a, b = low_fds_taken
+    a.settimeout(60)  # as the server's connections (Handler.timeout)
+    handler = Handler.__new__(Handler)  # only its connection is read
+    handler.connection = a
+    assert not handler._client_gone()  # connected, nothing sent
+    b.sendall(b"x")
+    assert not handler._client_gone()  # connected, data waiting
+    assert a.recv(1) == b"x"
+    b.close()
+    assert handler._client_gone()  # the peer closed
+
+
+def test_requests_on_descriptors_above_1023_are_answered(tiny_ckpt, low_fds_taken, monkeypatch):
+    """With every descriptor below 1024 taken, a reply and a stream still come whole. Each batch is held back a
+    moment so that the handlers look for a departed client while they wait."""
+    srv, _, _ = start(tiny_ckpt)
+    run = srv.engine.run
+    monkeypatch.setattr(srv.engine, "run", lambda batch: (time.sleep(0.3), run(batch)))
+    body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4, "temperature": 0}
+    try:
+        conn, resp = post(srv, body)
+        assert resp.status == 200 and json.loads(resp.read())["choices"][0]["finish_reason"] in ("stop", "length")
+        conn.close()
+        conn, resp = post(srv, {**body, "stream": True})
+        events, done = read_events(resp)
+        assert resp.status == 200 and done and events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        conn.close()
+    finally:
+        stop(srv)
+
+
 def _serve(tiny_ckpt, *args, env=None):
     """Start `psyche serve` on a free port -> (process, port, the stderr lines up to the "serving" line)."""
     env = {**{k: v for k, v in os.environ.items() if k != "PSYCHE_API_KEY"}, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -12,8 +12,9 @@ import errno
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import stat
 from pathlib import Path
 
 import torch
@@ -25,21 +26,38 @@ from psyche.hf_checkpoint import (INDEX_NAME, SINGLE_NAME, CheckpointError,  # n
                                   check_checkpoint, checkpoint_files)
 from psyche.model import Qwen2
 
+
+def _new_dir(parent: Path, prefix: str) -> Path:
+    """A new empty directory PARENT/PREFIX<random>, its mode set by the umask as any directory's is (not
+    tempfile.mkdtemp's 0700, which would make every checkpoint and export unreadable to other users)."""
+    while True:
+        tmp = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
     """Write a directory atomically: yield a temporary sibling, rename it onto `path` on success.
 
     A crash or exception at any point leaves the previous `path` (if any) untouched. Replacing an existing
     directory takes two renames (old aside, new in); between them a crash leaves `path.old-*` beside it.
+    The directory and its files get the modes the umask gives (e.g. 0755 and 0644 under umask 022), so another
+    user's process can read a checkpoint or an export as far as the umask allows.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = _new_dir(path.parent, prefix=f".{path.name}.tmp-")
     try:
         yield tmp
-        for f in tmp.iterdir():  # flush file contents before the rename makes them visible
+        file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666  # the umask's, as mkdir applied it to tmp
+        for f in tmp.iterdir():
             if f.is_file():
-                with open(f, "rb") as fh:
+                os.chmod(f, file_mode)  # safetensors creates its files 0600 whatever the umask
+                with open(f, "rb") as fh:  # flush file contents before the rename makes them visible
                     os.fsync(fh.fileno())
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -170,6 +170,33 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
 
 
+def test_checkpoints_and_exports_are_as_readable_as_the_umask_allows(tmp_path):
+    """Directories written atomically (checkpoints, hf/, adapter/) get the umask's mode, as any directory does,
+    not the private 0700 of a temporary directory: another user's process can load an export."""
+    import os
+    import stat
+
+    from psyche.checkpoint import export_adapter, export_hf, save_checkpoint
+    from psyche.config import LoraSection
+    from psyche.lora import add_lora, settings
+
+    model = build_model(tiny_config(), seed=0)
+    lora = LoraSection(rank=2)
+    add_lora(model, **settings(lora), seed=0)
+    old = os.umask(0o022)
+    try:
+        written = [save_checkpoint(tmp_path / "run", 1, model=model, state={}), export_hf(model, tmp_path / "hf"),
+                   export_adapter(model, tmp_path / "adapter", lora, "base"), save_pretrained(model, tmp_path / "m")]
+        os.umask(0o077)
+        private = save_pretrained(model, tmp_path / "private")
+    finally:
+        os.umask(old)
+    for d in written:
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in d.iterdir()), d
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+
+
 @pytest.mark.parametrize("kw", [dict(tied=True), dict(tied=False), dict(n_head=4, n_kv=1, head_dim=8)])
 def test_expected_tensors_are_the_models(kw):
     """The shapes read off config.json (checked against a checkpoint's headers before anything is built) are

@@ -508,3 +508,26 @@ def test_every_variant_gives_the_same_gradient_on_1_or_2_ranks(tmp_path):
     for case, g2 in zip(RANK_CASES, two):  # the same batch held whole by this one process
         g1 = rank_gradient(case, list(range(8)))
         assert torch.allclose(g1, g2, atol=1e-6, rtol=1e-5), (case, float((g1 - g2).abs().max()))
+
+
+def test_rollout_correction_statistics_do_not_depend_on_micro_batching():
+    """The update's rc/* statistics over 3 uneven micro-batches equal those of one: the largest weight is the
+    maximum (not a mean of maxima), the sequence fractions are over sequences (not weighted by tokens)."""
+    import copy
+
+    from psyche.grpo import UpdatePlan, update_policy
+
+    b = _batch(seed=7)
+    g = torch.Generator().manual_seed(2)
+    b.sampler_logp = b.old_logp + 0.8 * torch.randn(b.mask.shape, generator=g) * b.mask
+    b.advantages = compute_advantages(b.rewards, 4)
+    lc = LossConfig(rollout_correction="seq_tis", rc_threshold=1.5)
+    stats = []
+    for micro in (8, 3):
+        m = _model()
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        stats.append(update_policy(m, opt, copy.deepcopy(b), lc, UpdatePlan(8, micro)))
+    one, three = stats
+    assert 0 < one["rc/seq_truncated_frac"] < 1  # some sequences truncated, not all
+    for k in ("rc/weight_max", "rc/seq_truncated_frac", "rc/seq_masked_frac", "rc/weight_mean"):
+        assert three[k] == pytest.approx(one[k], rel=1e-12, abs=1e-15), (k, one[k], three[k])

@@ -290,7 +290,9 @@ def pass_rate_stats(p) -> dict:
 #   token_sum:  a sum over completion tokens, logged as the mean (NAME_sum -> NAME)
 #   count:      summed over ranks;   max / min: over micro-batches and ranks
 #   rank_mean:  a mean over each rank's first draw of prompts (the same number on every rank): unweighted
+#   seq_mean:   a mean over sequences: weighted by each micro-batch's rows; over ranks (equal rows) unweighted
 METRICS = {"accuracy_sampled": "rank_mean", "zero_std_frac_sampled": "rank_mean",
+           "rc/weight_max": "max", "rc/seq_truncated_frac": "seq_mean", "rc/seq_masked_frac": "seq_mean",
            "loss": "loss", "pg_loss": "loss", "kl_loss": "loss", "entropy_loss": "loss",
            "grad_norm": "global", "optimizer_steps": "global", "lr": "global",
            "entropy_sum": "token_sum",
@@ -313,7 +315,7 @@ def combine(values: list[float], weights: list[float], kind: str) -> float:
         return max(values)
     if kind == "min":
         return min(values)
-    if kind == "rank_mean":
+    if kind in ("rank_mean", "seq_mean"):
         return sum(values) / len(values)
     return sum(v * w for v, w in zip(values, weights)) / sum(weights)
 
@@ -334,6 +336,7 @@ def micro_loss(model, b: RolloutBatch, lc: LossConfig, n_tokens: float, n_seqs: 
     logged = {("loss" if k == "loss" else f"{k}_loss"): v.detach().double() for k, v in terms.items()}
     logged.update(stats)
     logged["n_tokens"] = b.mask.sum()
+    logged["n_seqs"] = b.mask.shape[0]
     logged["entropy_sum"] = (ent.detach() * b.mask).sum().double()
     return terms["loss"], logged, lp.detach()
 
@@ -370,22 +373,25 @@ class StepMetrics:
     def __init__(self):
         self.acc: dict[str, torch.Tensor] = {}
         self.tokens = 0  # completion tokens seen (a tensor after the first micro-batch)
+        self.seqs = 0  # rows seen
         self.updates = 0
 
     def add(self, logged: dict):
         """One micro-batch's logged values (micro_loss's dict, with its n_tokens)."""
-        w = logged.pop("n_tokens")
+        w, n = logged.pop("n_tokens"), logged.pop("n_seqs")
         for k, v in logged.items():
             kind = combine_kind(k)
+            v = v if kind in ("loss", "token_sum", "max", "min") else v * (n if kind == "seq_mean" else w)
             if k not in self.acc:
-                self.acc[k] = v if kind in ("loss", "token_sum", "max", "min") else v * w
+                self.acc[k] = v
             elif kind == "max":
                 self.acc[k] = torch.maximum(self.acc[k], v)
             elif kind == "min":
                 self.acc[k] = torch.minimum(self.acc[k], v)
             else:
-                self.acc[k] = self.acc[k] + (v if kind in ("loss", "token_sum") else v * w)
+                self.acc[k] = self.acc[k] + v
         self.tokens = self.tokens + w
+        self.seqs += n
 
     def add_update(self, grad_norm: torch.Tensor):
         self.acc["grad_norm"] = self.acc.get("grad_norm", 0.0) + grad_norm.detach().double()
@@ -406,6 +412,8 @@ class StepMetrics:
                 out[k.removesuffix("_sum")] = v / max(n_tokens, 1)
             elif kind in ("max", "min"):
                 out[k] = v
+            elif kind == "seq_mean":
+                out[k] = v / max(self.seqs, 1)
             else:
                 out[k] = v / max(n_tokens, 1)
         out["optimizer_steps"] = self.updates

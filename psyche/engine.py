@@ -8,7 +8,8 @@ mates). Left rows stop like finished ones and leave the batch with them (the eag
 the static one rebuckets; see psyche/sampler.py), a batch whose rows have all left ends at
 once, and a cancelled request still in the queue is never started. `Engine.run` is synchronous; `Engine.start`
 adds a queue and one worker thread that gathers whatever is waiting into one batch, which is how concurrent
-HTTP requests get batched (psyche/serve.py).
+HTTP requests get batched (psyche/serve.py). `Engine.stop` lets the running batch finish and fails every request
+still queued (STOPPED); a request submitted after it is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 
 from psyche.config import SamplingParams
+
+STOPPED = "the engine stopped before this request ran (the server is shutting down)"
 
 
 @dataclass
@@ -58,7 +61,9 @@ class Engine:
         self.calls, self.rows_max = 0, 0  # statistics: sampler batches, most rows in one batch
         self.cancelled, self.rows_freed = 0, 0  # cancelled requests; rows that left a batch before their end
         self._thread = None
-        self._pending: list[GenRequest] = []
+        self._pending: list[GenRequest] = []  # gathered but left for the next batch (the worker's own)
+        self._stopping = threading.Event()
+        self._submit_lock = threading.Lock()  # no submit lands in the queue once stop has begun
 
     # ---- synchronous core ----
     def run(self, requests: list[GenRequest]):
@@ -159,32 +164,55 @@ class Engine:
 
     # ---- threaded front ----
     def start(self):
+        self._stopping.clear()
         self._thread = threading.Thread(target=self._loop, name="psyche-engine", daemon=True)
         self._thread.start()
         return self
 
     def stop(self):
+        """End the worker: the batch it is running finishes; every request still queued fails with STOPPED, and
+        a later submit is refused (Overloaded)."""
+        with self._submit_lock:
+            self._stopping.set()
+        try:
+            self.queue.put_nowait(None)  # wakes a worker waiting for work
+        except queue.Full:
+            pass  # the worker is not waiting (the queue holds work), and it reads the flag before it waits again
         if self._thread is not None:
-            self.queue.put(None)
             self._thread.join(timeout=30)
             self._thread = None
+        self._fail_queued()
 
     def submit(self, r: GenRequest) -> GenRequest:
-        """Queue a request for the worker thread; raises Overloaded when the queue is full."""
-        try:
-            self.queue.put_nowait(r)
-        except queue.Full:
-            raise Overloaded("the server is busy (request queue full); retry later") from None
+        """Queue a request for the worker thread; raises Overloaded when the queue is full or the engine is
+        stopping."""
+        with self._submit_lock:
+            if self._stopping.is_set():
+                raise Overloaded("the server is shutting down")
+            try:
+                self.queue.put_nowait(r)
+            except queue.Full:
+                raise Overloaded("the server is busy (request queue full); retry later") from None
         return r
 
-    def _loop(self):
+    def _fail_queued(self):
+        """Fail every request left in the queue with STOPPED (the None wake-ups are dropped)."""
         while True:
+            try:
+                r = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if r is not None:
+                self._fail(r, STOPPED)
+
+    def _loop(self):
+        while not self._stopping.is_set():
             batch = self._pending
             self._pending = []
             if not batch:
                 r = self.queue.get()
-                if r is None:
-                    return
+                if r is None:  # stop's wake-up: the flag is set
+                    continue
                 batch = [r]
                 time.sleep(self.gather_s)  # let requests that arrive together share the batch
             rows = sum(r.n for r in batch)
@@ -193,8 +221,7 @@ class Engine:
                     r = self.queue.get_nowait()
                 except queue.Empty:
                     break
-                if r is None:
-                    self.queue.put(None)
+                if r is None:  # stop's wake-up: run what was gathered, then end
                     break
                 if r.cancelled.is_set():  # its client left while it waited
                     self.cancelled += 1
@@ -211,3 +238,7 @@ class Engine:
                 for r in batch:
                     if not r.done.is_set():
                         self._fail(r, f"{type(e).__name__}: {e}")
+        for r in self._pending:
+            self._fail(r, STOPPED)
+        self._pending = []
+        self._fail_queued()

@@ -4,6 +4,7 @@ everyone else gets a complete answer; an API key turns unauthenticated requests 
 import http.client
 import json
 import os
+import queue
 import re
 import socket
 import subprocess
@@ -175,6 +176,56 @@ def test_a_request_cancelled_before_it_starts_is_never_run(tiny_ckpt):
     assert gone.done.is_set() and gone.tokens == [[]] and gone.error is None
     assert kept.done.is_set() and (len(kept.tokens[0]) == 8 or kept.finished[0])
     assert engine.cancelled == 1 and engine.rows_max == 1  # the batch held the other request's row only
+
+
+class _LateSubmits(queue.Queue):
+    """A queue where requests land just after the worker takes stop's wake-up from it and fill it: the race that
+    once blocked the worker for good as it put the wake-up back."""
+
+    def __init__(self, maxsize, late):
+        super().__init__(maxsize)
+        self.late = late
+
+    def get_nowait(self):
+        r = super().get_nowait()
+        if r is None:
+            for x in self.late:
+                self.put_nowait(x)
+            self.late = []
+        return r
+
+
+def test_stop_while_gathering_ends_the_worker_and_fails_what_is_queued():
+    """The worker meets stop's wake-up while it gathers a batch and the queue fills behind it: the gathered
+    request still runs, the worker ends at once, the queued ones fail with a clear error, a later submit is
+    refused."""
+    from types import SimpleNamespace
+
+    from psyche.engine import STOPPED, Engine, GenRequest, Overloaded
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))
+    engine = Engine(model, SimpleNamespace(stop_ids=[0], pad_id=0), gather_s=0.2)
+
+    def run(batch):  # a stand-in for generation: one stop token each
+        for r in batch:
+            r.tokens, r.finished = [[0]], [True]
+            r.done.set()
+
+    engine.run = run
+    first, late = GenRequest([1], 1), [GenRequest([1], 1), GenRequest([1], 1)]
+    engine.queue = _LateSubmits(2, late)
+    engine.start()
+    engine.submit(first)
+    stopper = threading.Thread(target=engine.stop, daemon=True)
+    stopper.start()
+    for r in (first, *late):
+        assert r.done.wait(5), "a request was left waiting"
+    stopper.join(5)
+    assert not stopper.is_alive(), "stop() waited for a stuck worker"
+    assert first.error is None and first.finished == [True]
+    assert all(r.error == STOPPED for r in late)
+    with pytest.raises(Overloaded, match="shutting down"):
+        engine.submit(GenRequest([1], 1))
 
 
 def test_api_key_required_on_every_route(tiny_ckpt):

@@ -204,3 +204,29 @@ def test_bf16_compute_runs_grpo_under_the_same_autocast_as_sft(tmp_path, monkeyp
         assert moments and all(t.dtype == torch.float32 for t in moments)
     rows = read_metrics(tmp_path / "grpo")
     assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)  # finite, not NaN
+
+
+def test_dynamic_sampling_judges_groups_by_the_shaped_rewards_and_padding_learns_nothing(tmp_path):
+    """truncation = zero on a random model (it never stops): every shaped reward is 0, so every group is
+    uniform. Dynamic sampling sees that (not the raw rewards, which vary), refills in vain and pads every
+    group; the padding has zero advantage even with the KL in the reward, so the policy loss is exactly 0."""
+    out = tmp_path / "run"
+    _run(out, "grpo.steps=2", "grpo.dynamic_sampling=true", "grpo.max_refill=2", 'grpo.truncation="zero"',
+         'grpo.kl_mode="reward"', "checkpoint.every=0", "checkpoint.export=false", "grpo.exact_kl=false")
+    for r in read_metrics(out):
+        assert r["zero_std_frac_sampled"] == 1 and r["refill_rounds"] == 2 and r["groups_padded"] == 8, r
+        assert r["adv_min"] == r["adv_max"] == 0 and r["pg_loss"] == 0, r
+
+
+def test_dynamic_sampling_padding_has_zero_advantage_under_a_batch_estimator(tmp_path):
+    """With no refill round, the uniform groups of the first draw pad the batch (the last groups). REINFORCE++
+    whitens over the whole batch, which would give a uniform group a non-zero advantage: padding gets 0."""
+    out = tmp_path / "run"
+    _run(out, "grpo.steps=1", "grpo.dynamic_sampling=true", "grpo.max_refill=0", 'grpo.advantage="reinforce_pp"',
+         "checkpoint.every=0", "checkpoint.export=false", "grpo.exact_kl=false")
+    (m,) = read_metrics(out)
+    rows = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    padded = m["groups_padded"] * 4  # group_size 4
+    assert padded > 0 and len(rows) == 32
+    assert all(r["advantage"] == 0 for r in rows[-padded:])
+    assert any(r["advantage"] != 0 for r in rows[:-padded])

@@ -112,7 +112,8 @@ class PromptStream:
 # ---- one step ----
 
 def sample_groups(policy, prompts, idx, gc, tok, reward_set, seeds) -> RolloutBatch:
-    """Rollouts for prompts `idx` (row seeds `seeds`, len(idx) * group_size) with their rewards."""
+    """Rollouts for prompts `idx` (row seeds `seeds`, len(idx) * group_size) with their rewards, shaped by the
+    truncation policy (so dynamic sampling judges a group by the rewards it will train on)."""
     ids = [prompts[i]["ids"] for i in idx]
     with torch.no_grad(), dist.unsharded(policy):
         r = generate(policy, ids, n=gc.group_size, max_new_tokens=gc.max_new_tokens, sampling=gc.sampling,
@@ -130,8 +131,10 @@ def sample_groups(policy, prompts, idx, gc, tok, reward_set, seeds) -> RolloutBa
         totals.append(total)
         for name, v in part.items():
             parts[name].append(v)
-    b.rewards = torch.tensor(totals, dtype=torch.float32, device=b.input_ids.device)
     b.reward_parts = {k: torch.tensor(v, dtype=torch.float32) for k, v in parts.items()}
+    b.rewards = shape_rewards(torch.tensor(totals, dtype=torch.float32, device=b.input_ids.device), b,
+                              truncation=gc.truncation, max_new_tokens=gc.max_new_tokens,
+                              overlong_buffer=gc.overlong_buffer, overlong_penalty=gc.overlong_penalty)
     return b
 
 
@@ -420,8 +423,6 @@ def run_grpo(cfg: RunConfig) -> Path:
             raise RewardError(f"step {step}: {e}; stopped before the update. Last good checkpoint: "
                               f"{latest_checkpoint(run.dir) or 'none'} (untouched)") from e
         clock.lap("rollout")
-        b.rewards = shape_rewards(b.rewards, b, truncation=gc.truncation, max_new_tokens=gc.max_new_tokens,
-                                  overlong_buffer=gc.overlong_buffer, overlong_penalty=gc.overlong_penalty)
         if gc.shuffle_rewards:  # negative control: each completion learns from another's reward
             perm = torch.randperm(len(b.rewards), generator=torch.Generator().manual_seed(cfg.run.seed * SEED_MULT
                                                                                           + step * STEP_MULT + rank))
@@ -432,6 +433,8 @@ def run_grpo(cfg: RunConfig) -> Path:
         clock.lap("old_logprob")
         b.advantages = compute_advantages(b.rewards, gc.group_size, estimator=gc.advantage, std_ddof=gc.std_ddof,
                                           eps=gc.adv_eps, lengths=b.lengths, reduce=dist.sum_over_ranks)
+        if sampling.get("groups_padded"):  # dynamic sampling's fill-up groups (the last ones): no gradient,
+            b.advantages[-sampling["groups_padded"] * gc.group_size:] = 0  # whatever the estimator or KL in reward
         metrics.update(sampling)
         if gc.truncation == "mask":
             apply_truncation_mask(b)

@@ -2,6 +2,8 @@
 
 Commands: /reset (forget the dialogue), /system TEXT (set the system prompt and reset), /exit.
 Works on piped stdin too: each line is one user turn.
+The oldest turns are forgotten when the dialogue outgrows the context (less --max-new-tokens, kept for the
+reply); a message too long to fit even alone is not sent (one line on stderr says so) and the session goes on.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class Streamer:
 
 
 def trim_history(tok, messages, system, budget):
-    """Drop the oldest user/assistant pairs until the prompt fits `budget` tokens."""
+    """Drop the oldest user/assistant pairs until the prompt fits `budget` tokens -> (prompt ids, messages kept).
+    The newest message is never dropped, so its prompt alone may still be over budget: the caller checks."""
     msgs = list(messages)
     while True:
         ids, _ = tok.encode_chat(([{"role": "system", "content": system}] if system else []) + msgs,
@@ -115,7 +118,15 @@ def chat(model_dir, preset, system, temperature, top_p, top_k, max_new_tokens, s
             click.echo("[system prompt set; dialogue reset]", err=True)
             continue
         messages.append({"role": "user", "content": prefix + line})
-        ids, messages = trim_history(tok, messages, system, cfg.max_position_embeddings - max_new_tokens)
+        budget = cfg.max_position_embeddings - max_new_tokens
+        ids, kept = trim_history(tok, messages, system, budget)
+        if len(ids) > budget:  # the message alone is too long: it is dropped, the dialogue before it stays
+            messages.pop()
+            click.echo(f"[message not sent: it makes a {len(ids)}-token prompt, and the context "
+                       f"({cfg.max_position_embeddings} tokens) keeps {max_new_tokens} for the reply, so at most "
+                       f"{budget} fit; shorten it or lower --max-new-tokens]", err=True)
+            continue
+        messages = kept
         streamer = Streamer(tok, out, color)
         out.write("assistant> " if interactive else "")
         r = generate(model, [ids], max_new_tokens=max_new_tokens, sampling=sampling, stop_token_ids=tok.stop_ids,

@@ -55,3 +55,15 @@ def test_sampling_defaults_are_the_seeds(tiny_ckpt):
 def test_a_temperature_too_small_to_divide_by_is_a_usage_error(tiny_ckpt):
     res = CliRunner().invoke(chat, [str(tiny_ckpt), "--temperature", "1e-38"], input="hello\n")
     assert res.exit_code == 2 and "--temperature" in res.output and "temperature must be 0 (greedy)" in res.output
+
+
+def test_a_message_too_long_for_the_context_is_dropped_and_the_session_goes_on(tiny_ckpt):
+    """Alone it leaves no room for the reply (the tiny model's context is 2048 tokens): one line says so, the
+    dialogue before it is kept, the next turn is answered."""
+    long = "焦虑 " * 3000
+    res = CliRunner().invoke(chat, [str(tiny_ckpt), "--max-new-tokens", "10", "--temperature", "0"],
+                             input=f"hello\n{long}\nbye\n")
+    assert res.exit_code == 0, res.output
+    assert res.stdout == expected(tiny_ckpt, ["hello", "bye"])
+    notes = [line for line in res.stderr.splitlines() if "message not sent" in line]
+    assert len(notes) == 1 and "at most 2038 fit" in notes[0]

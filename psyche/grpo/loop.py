@@ -94,11 +94,14 @@ class PromptStream:
 
     def __init__(self, n: int, seed: int, position: int = 0):
         self.n, self.seed, self.pos = n, seed, position
+        self._epoch, self._cached = None, None
 
     def _order(self, epoch):
-        order = list(range(self.n))
-        random.Random(f"{self.seed}/{epoch}").shuffle(order)
-        return order
+        if epoch != self._epoch:  # shuffled once per epoch, not once per prompt handed out
+            self._cached = list(range(self.n))
+            random.Random(f"{self.seed}/{epoch}").shuffle(self._cached)
+            self._epoch = epoch
+        return self._cached
 
     def take(self, k: int) -> list[int]:
         out = []

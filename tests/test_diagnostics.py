@@ -118,6 +118,18 @@ def test_diagnostics_leave_the_update_unchanged(model, batch):
     assert diagd["loss/token-mean"] == plain["loss"] and diagd["optimizer_steps"] == 4 == N // 6 * 2
 
 
+def test_the_sign_split_adds_up_under_kl_cov(model, batch):
+    """KL-Cov penalises its selected tokens whatever their advantage: rows at A = 0 learn, and the split by
+    advantage sign includes them, so the parts still add up to the whole gradient."""
+    b = copy.deepcopy(batch)
+    b.advantages[:4] = 0
+    lc = LossConfig(policy_loss="kl_cov", kl_cov_ratio=0.5, kl_cov_coef=1.0)
+    m = copy.deepcopy(model)
+    st = update_policy(m, torch.optim.AdamW(m.parameters(), lr=1e-2), b, lc, UpdatePlan(6, 4, epochs=2),
+                       diag=StepDiagnostics(lc, grad_split=True))
+    assert st["grad_norm/adv_zero"] > 0 and st["grad_split_residual"] < 1e-5, st
+
+
 def test_split_parts_follow_the_config():
     assert split_parts(LossConfig(), has_ref=False) == {"term": [], "sign": ["adv_pos", "adv_neg"]}
     assert split_parts(LossConfig(kl_coef=0.1, kl_in_loss=False), has_ref=True)["term"] == []

@@ -57,11 +57,16 @@ PASS_RATES = "pass_rates.jsonl"
 def split_parts(lc, has_ref: bool) -> dict[str, list[str]]:
     """The two partitions of the loss whose gradients `part_gradients` computes, as far as the config makes
     them non-trivial: by term (policy, kl, entropy; skipped when the policy term is the whole loss) and by
-    advantage sign (adv_pos, adv_neg, adv_zero; adv_zero only when a KL or entropy term exists, else its
-    gradient is zero by construction)."""
+    advantage sign (adv_pos, adv_neg, adv_zero; adv_zero only when a KL or entropy term exists or the policy
+    loss has a term without the advantage (KL-Cov's penalty), else its gradient is zero by construction)."""
+    from psyche.grpo.loss import POLICY_LOSSES
+
     terms = ["policy"] + (["kl"] if has_ref and lc.kl_coef and lc.kl_in_loss else []) + \
         (["entropy"] if lc.entropy_coef else [])
-    signs = [name for name, _ in SIGNS if name != "adv_zero" or len(terms) > 1]
+    # KL-Cov's penalty on its selected tokens does not depend on the advantage (Clip-Cov's rows at A = 0 then
+    # cost one more pass, with a zero gradient)
+    zero_learns = len(terms) > 1 or POLICY_LOSSES[lc.policy_loss].selects
+    signs = [name for name, _ in SIGNS if name != "adv_zero" or zero_learns]
     return {"term": terms if len(terms) > 1 else [], "sign": signs}
 
 

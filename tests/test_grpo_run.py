@@ -230,3 +230,19 @@ def test_dynamic_sampling_padding_has_zero_advantage_under_a_batch_estimator(tmp
     assert padded > 0 and len(rows) == 32
     assert all(r["advantage"] == 0 for r in rows[-padded:])
     assert any(r["advantage"] != 0 for r in rows[:-padded])
+
+
+def test_the_kl_is_logged_with_sampler_old_logprobs_and_never_nan(tmp_path):
+    """old_logprobs = sampler: the KL to the reference is measured on the sampler's log-probs (it was not
+    logged at all). truncation = mask on a model that never stops leaves no token to measure: no NaN is
+    logged (the metric is absent), and the run goes on."""
+    import math
+
+    _run(tmp_path / "sampler", "grpo.steps=1", 'grpo.old_logprobs="sampler"', "checkpoint.every=0",
+         "checkpoint.export=false", "grpo.exact_kl=false")
+    (m,) = read_metrics(tmp_path / "sampler")
+    assert m["kl"] >= 0
+    _run(tmp_path / "masked", "grpo.steps=1", 'grpo.truncation="mask"', "checkpoint.every=0",
+         "checkpoint.export=false", "grpo.exact_kl=false")
+    (m,) = read_metrics(tmp_path / "masked")
+    assert all(math.isfinite(v) for v in m.values() if isinstance(v, float)), m

@@ -226,11 +226,10 @@ def combine_ranks(b: RolloutBatch, local: dict) -> dict | None:
     cat = lambda k: torch.cat([e[k].cpu() for e in everyone])  # noqa: E731
     out = rollout_stats(cat("rewards"), cat("advantages"), cat("lengths"), cat("finished"),
                         {k: torch.cat([e["parts"][k] for e in everyone]) for k in b.reward_parts}, b.group_size)
-    w = [max(e["tokens"], 1) for e in everyone]
-    for k in local:
-        vals = [e["local"].get(k) for e in everyone]
-        if all(v is not None for v in vals):
-            out[k] = combine(vals, w, combine_kind(k))
+    keys = dict.fromkeys(k for e in everyone for k in e["local"])  # a rank without a token may lack a mean
+    for k in keys:
+        have = [e for e in everyone if e["local"].get(k) is not None]
+        out[k] = combine([e["local"][k] for e in have], [max(e["tokens"], 1) for e in have], combine_kind(k))
     return out
 
 
@@ -285,10 +284,13 @@ def score_rollouts(policy, ref, b: RolloutBatch, gc, *, n_updates: int, device) 
             n = min(len(b.lengths), gc.exact_kl_rows or len(b.lengths))
             ex = completion_kl(policy, ref, b.rows(range(n)), gc.temperature)[0]
         metrics["kl_exact"] = float(ex.mean()) if ex.numel() else 0.0
-    if recomputed is not None:
-        metrics["kl"] = float(kl_estimate(recomputed[b.mask], b.ref_logp[b.mask], gc.kl_kind).mean())
+    # the policy's log-probs before the update, where this step has them: recomputed, or the sampler's (old =
+    # sampler); on-policy steps measure the KL on the update's first forward instead (FirstForward)
+    lp_now = recomputed if recomputed is not None else b.sampler_logp if gc.old_logprobs == "sampler" else None
+    if lp_now is not None and b.mask.any():  # (truncation = mask can leave a rank without a token)
+        metrics["kl"] = float(kl_estimate(lp_now[b.mask], b.ref_logp[b.mask], gc.kl_kind).mean())
     if gc.kl_mode == "reward" and gc.kl_coef:
-        lp_now = recomputed if recomputed is not None else b.sampler_logp
+        lp_now = lp_now if lp_now is not None else b.sampler_logp
         b.rewards = b.rewards - gc.kl_coef * (kl_estimate(lp_now, b.ref_logp, gc.kl_kind) * b.mask).sum(1)
     if movable:
         ref.to("cpu")
@@ -303,11 +305,14 @@ class FirstForward:
         self.kl_kind, self.gap, self.kl = kl_kind, [], []
 
     def __call__(self, rows, sub: RolloutBatch, lp):
+        if not sub.mask.any():  # (truncation = mask can leave a micro-batch without a token)
+            return
         self.gap.append((sub.sampler_logp[sub.mask], lp[sub.mask]))
         if sub.ref_logp is not None:
             self.kl.append(kl_estimate(lp[sub.mask], sub.ref_logp[sub.mask], self.kl_kind))
 
     def metrics(self) -> dict:
+        """The rank's sampler gap and KL; nothing where it saw no token (its ranks' mates then speak for it)."""
         out = {}
         if self.gap:
             sl, tl = torch.cat([g[0] for g in self.gap]), torch.cat([g[1] for g in self.gap])

@@ -85,6 +85,12 @@ def eval_cmd(model_dir, bench, data, split, limit, style, batch_size, max_new_to
         items = limit_items(_load(bench, data, split), limit)
     except BenchmarkError as e:
         raise click.ClickException(str(e)) from None
+    from psyche.config import SamplingError, SamplingParams
+
+    try:  # the sampling settings, before the model loads
+        SamplingParams(temperature=temperature, top_p=top_p)
+    except SamplingError as e:
+        raise click.BadParameter(str(e), param_hint=f"--{e.key.replace('_', '-')}") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_pretrained(model_dir, dtype=getattr(torch, dtype) if dtype else None, device=device)
     model.eval()

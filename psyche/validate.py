@@ -23,7 +23,7 @@ import math
 import os
 from pathlib import Path
 
-from psyche.config import ConfigError, RunConfig
+from psyche.config import ConfigError, RunConfig, SamplingParams
 from psyche.model_config import PRESETS, ModelConfig
 from psyche.hf_checkpoint import check_checkpoint
 
@@ -144,8 +144,9 @@ def check_grpo_section(cfg: RunConfig):
     _variants(g)
     _advantage(g)
     _finite("grpo.temperature", g.temperature)
-    _need(g.temperature > 0, "grpo.temperature", g.temperature, "must be > 0 (log-probs are divided by it; "
-          "GRPO needs sampled, not greedy, groups)")
+    _need(g.temperature >= SamplingParams.MIN_TEMPERATURE, "grpo.temperature", g.temperature,
+          f"must be > 0, at least {SamplingParams.MIN_TEMPERATURE} (log-probs are divided by it; GRPO needs "
+          "sampled, not greedy, groups)")
     _finite("grpo.top_p", g.top_p)
     _need(0 < g.top_p <= 1, "grpo.top_p", g.top_p, "must be in (0, 1]")
     _fraction("grpo.min_p", g.min_p, hi_open=True)

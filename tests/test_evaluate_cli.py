@@ -109,3 +109,12 @@ def test_eval_cpsyexam_test_split_writes_submission(tiny_ckpt, tmp_path):
     sub = json.loads((out / "submission.json").read_text())
     assert list(sub["zero_shot"]) == ["CA-心理诊断-单项选择题"]
     assert sub["zero_shot"]["CA-心理诊断-单项选择题"][0]["question_id"] == "h5"
+
+
+def test_eval_refuses_a_temperature_too_small_to_divide_by_before_loading(tmp_path):
+    """--temperature 1e-6 passes click's range but not the sampler's: a usage error naming the option, before
+    any model is read (the model directory here holds none)."""
+    root, _ = make_pceb(tmp_path)
+    (tmp_path / "empty").mkdir()
+    r = run("eval", "--model", tmp_path / "empty", "--bench", "pceb", "--data", root, "--temperature", 1e-6)
+    assert r.exit_code == 2 and "--temperature" in r.stderr and "at least 1e-05" in r.stderr, r.stderr

@@ -66,6 +66,7 @@ RULES = [
      "grpo.rollout_correction='mis': corrects the trainer's old log-probs against the sampler's"),
     (GRPO, "grpo", 1, ["grpo.group_size=1", 'grpo.advantage="grpo_passk"'], "estimator 'grpo_passk' needs >= 2"),
     (GRPO, "grpo", 1, ["grpo.temperature=-0.5"], "grpo.temperature=-0.5: must be > 0"),
+    (GRPO, "grpo", 1, ["grpo.temperature=1e-6"], "grpo.temperature=1e-06: must be > 0, at least 1e-05"),
     (GRPO, "grpo", 1, ["grpo.clip_high=-0.1"], "grpo.clip_high=-0.1: must be >= 0"),
     (GRPO, "grpo", 1, ["grpo.kl_coef=-1"], "grpo.kl_coef=-1.0: must be >= 0"),
     (GRPO, "grpo", 1, ['grpo.truncation="penalty"', "grpo.overlong_buffer=100"],

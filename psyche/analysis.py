@@ -353,7 +353,7 @@ def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_ou
     from psyche.grpo.diagnostics import StepDiagnostics, load_step_dump
     from psyche.dist import global_norm
     from psyche.grpo import LossConfig, UpdatePlan, micro_loss, select_cov_tokens, selecting_losses, update_policy
-    from psyche.run import build_model_for_training, build_optimizer, build_scheduler
+    from psyche.run import build_model_for_training, build_optimizer, build_scheduler, resolve_dtype
 
     dump = Path(dump)
     if not (dump / "step.json").is_file():
@@ -362,10 +362,15 @@ def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_ou
 
     try:
         meta, batch = load_step_dump(dump)
-    except (ValueError, KeyError, IndexError, OSError, SafetensorError) as e:  # a damaged or partial dump
+        lc = LossConfig(**meta["loss_config"])
+        plan = UpdatePlan(**meta["update"])
+    except (ValueError, KeyError, IndexError, TypeError, OSError, SafetensorError) as e:  # damaged or partial
         raise DataError(f"{dump}: not a readable step dump ({type(e).__name__}: {e})") from None
     cfg = load_run_config(dump / "config.toml")
     ckpt = latest_checkpoint(dump)
+    if ckpt is None:
+        raise DataError(f"{dump}: the dump has no complete checkpoint of the weights before its update "
+                        "(checkpoints/step_*); it cannot be replayed")
     if cfg.lora.rank > 0:  # the checkpoint holds the base and its adapters: the layers first, then its values
         from psyche.lora import add_lora, settings
         from psyche.model import Qwen2
@@ -381,8 +386,7 @@ def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_ou
     optimizer = build_optimizer(model, cfg.grpo.optim)
     scheduler, _ = build_scheduler(optimizer, cfg.grpo.optim, 1)  # its state (and the LR) come from the dump
     load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=True)
-    lc = LossConfig(**meta["loss_config"])
-    plan = UpdatePlan(**meta["update"])
+    amp = dist.autocast(model, torch.device("cpu"), resolve_dtype(cfg.model.dtype, torch.device("cpu")))  # as the run
     plan = dataclasses.replace(plan, mini_batch_rows=plan.mini_batch_rows * meta["world_size"])
 
     rows = list(range(min(plan.mini_batch_rows, batch.input_ids.shape[0])))
@@ -392,7 +396,8 @@ def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_ou
     model.zero_grad(set_to_none=True)
     first_loss = 0.0
     for s in range(0, len(rows), plan.micro_batch):
-        loss, logged, _ = micro_loss(model, batch.rows(rows[s:s + plan.micro_batch]), lc, n_tok, n_seq)
+        with amp:
+            loss, logged, _ = micro_loss(model, batch.rows(rows[s:s + plan.micro_batch]), lc, n_tok, n_seq)
         loss.backward()
         first_loss += float(logged["loss"])
     grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
@@ -402,7 +407,7 @@ def replay(dump, *, diagnostics: bool = False, grad_split: bool = False, grad_ou
     model.zero_grad(set_to_none=True)
 
     diag = StepDiagnostics(lc, grad_split=grad_split) if diagnostics or grad_split else None
-    replayed = update_policy(model, optimizer, batch, lc, plan, clip_fn=dist.clip_grad_norm_, diag=diag)
+    replayed = update_policy(model, optimizer, batch, lc, plan, clip_fn=dist.clip_grad_norm_, diag=diag, amp=amp)
     logged = None
     if (dump / "logged.json").is_file():
         try:

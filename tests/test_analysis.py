@@ -115,6 +115,28 @@ def test_replay_reproduces_the_logged_step_exactly(dumped_run, tmp_path):
     assert again["first"] == r["first"] and again["replayed"]["grad_norm"] == rep["grad_norm"]
 
 
+def test_replay_of_a_bf16_run_uses_its_autocast_and_a_dump_without_weights_is_an_error(tiny_ckpt, tmp_path):
+    """model.dtype = bfloat16 on the CPU: the run's forwards ran under bf16 autocast, so replay's must too to
+    give the logged loss bit for bit. A dump whose checkpoint is gone is a one-line error, not a traceback."""
+    import shutil
+
+    from psyche.data import DataError
+
+    out = tmp_path / "run"
+    sets = ["log.progress=false", "grpo.steps=1", "grpo.prompts_per_step=4", "grpo.mini_batch=2",
+            "grpo.max_new_tokens=8", "grpo.replay_steps=[1]", "checkpoint.every=0", "checkpoint.export=false",
+            f'model.init="{tiny_ckpt}"', 'model.dtype="bfloat16"']
+    cmd = [sys.executable, "train.py", "--stage", "grpo", "--config", str(TINY), "--out", str(out),
+           *[a for s in sets for a in ("--set", s)]]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    dump = out / "replay" / "step_0001"
+    assert replay(dump)["replayed"]["loss"] == read_metrics(out)[0]["loss"]
+    shutil.rmtree(dump / "checkpoints")
+    with pytest.raises(DataError, match="no complete checkpoint"):
+        replay(dump)
+
+
 def test_replay_command_and_check(dumped_run, tmp_path):
     import shutil
 

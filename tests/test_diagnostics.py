@@ -142,6 +142,8 @@ def test_kl_check_against_estimators_and_exact_kl(model, batch):
     st = kl_check(model, ref, batch, 1.3, chunk=7)  # chunked over positions
     exact = completion_kl(model, ref, batch, 1.3)[0]
     assert st["kl_exact"] == pytest.approx(float(exact.mean()), rel=1e-5)
+    by_row = completion_kl(model, ref, batch, 1.3, rows=1)  # one row per forward: the same positions, in order
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(by_row, completion_kl(model, ref, batch, 1.3)))
     with torch.no_grad():
         lp = sequence_logprobs(model, batch, 1.3)[0]
     for k in ("k1", "k2", "k3"):

@@ -204,10 +204,19 @@ def logprob_gap(sampler_logp, trainer_logp, mask) -> dict:
 
 
 @torch.no_grad()
-def completion_kl(policy, ref, batch: RolloutBatch, temperature: float, chunk: int = 256):
+def completion_kl(policy, ref, batch: RolloutBatch, temperature: float, chunk: int = 256, rows: int = 16):
     """At every completion position t (in `batch.mask.nonzero()` order), both at `temperature`:
     the exact full-vocabulary KL_t = Σ_v π(v) (log π(v) − log π_ref(v)), and log π(y_t), log π_ref(y_t) of the
-    sampled token -> three (n,) tensors. Chunked over positions: never more than `chunk` × V log-probs."""
+    sampled token -> three (n,) tensors. Forwards `rows` rows at a time (hidden states of those only), and
+    never more than `chunk` × V log-probs at once."""
+    parts = [_completion_kl(policy, ref, batch.rows(range(i, min(i + rows, len(batch.lengths)))), temperature,
+                            chunk) for i in range(0, len(batch.lengths), rows)]
+    if not parts:
+        return (torch.zeros(0),) * 3
+    return tuple(torch.cat([p[k] for p in parts]) for k in range(3))
+
+
+def _completion_kl(policy, ref, batch: RolloutBatch, temperature: float, chunk: int):
     h = policy(batch.input_ids, return_hidden=True)
     dev_ref = next(ref.parameters()).device
     h_ref = ref(batch.input_ids.to(dev_ref), return_hidden=True)

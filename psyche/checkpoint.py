@@ -78,13 +78,17 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CKPT_DIR / f"step_{step:08d}"
 
 
+def _step_of(ckpt: Path) -> int:
+    return int(STEP_RE.match(ckpt.name).group(1))
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = Path(run_dir) / CKPT_DIR
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if STEP_RE.match(p.name) and (p / "meta.json").is_file()]
-    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+    return sorted(found, key=_step_of)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -206,8 +210,9 @@ def _load_into(model: nn.Module, sd: dict, source: Path):
 def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, optimizer=None, scheduler=None,
                     state: dict | None = None, extra_models: dict[str, nn.Module] | None = None,
                     keep_last: int = 2, tokenizer=None) -> Path:
-    """Write RUN_DIR/checkpoints/step_XXXXXXXX atomically; keep the newest `keep_last` (>= 1). Call on every
-    rank (the state is gathered collectively); rank 0 writes. Returns the checkpoint path."""
+    """Write RUN_DIR/checkpoints/step_XXXXXXXX atomically; keep it and the newest `keep_last` - 1 of the earlier
+    steps' (later steps' are another run's: left alone). Call on every rank (the state is gathered
+    collectively); rank 0 writes. Returns the checkpoint path."""
     model_sd = full_model_state(model)
     extra_sd = {name: full_model_state(m) for name, m in (extra_models or {}).items()}
     optim_sd = _full_optim_state(model, optimizer) if optimizer is not None else None
@@ -238,7 +243,8 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, optimiz
             raise CheckpointError(f"{final}: writing the checkpoint failed ({_os_reason(e)}); nothing was replaced "
                                   f"or deleted, the last good checkpoint is {latest_checkpoint(run_dir) or 'none'}"
                                   ) from e
-        for old in list_checkpoints(run_dir)[:-max(1, keep_last)]:
+        earlier = [c for c in list_checkpoints(run_dir) if _step_of(c) < step]  # never this one, nor a later one
+        for old in earlier[:max(0, len(earlier) - (max(1, keep_last) - 1))]:
             trash = old.with_name(f".step_trash_{old.name}")
             os.replace(old, trash)  # out of sight first, so a half-deleted directory is never a checkpoint
             shutil.rmtree(trash, ignore_errors=True)

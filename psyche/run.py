@@ -175,8 +175,15 @@ def build_scheduler(optimizer, optim_cfg, total_steps: int):
 
 def begin(cfg, check) -> tuple[int, int, torch.device]:
     """Validate the whole config (`check`, from psyche.validate) before anything is computed or written, set
-    up the ranks and the seed, and print the resolved config. -> (rank, world size, device)."""
+    up the ranks and the seed, and print the resolved config. -> (rank, world size, device).
+
+    A fresh start (checkpoint.resume=false) in a run directory that holds checkpoints is a ConfigError: its
+    checkpoints would mix with the earlier run's, and pruning would delete some of either."""
     check(cfg)
+    if not cfg.checkpoint.resume and (found := latest_checkpoint(cfg.run.out)) is not None:
+        raise ConfigError(f"checkpoint.resume=false, but {found.parent} holds checkpoints of an earlier run (the latest "
+                          f"{found.name}): a new run there would mix with them and prune them; give it another "
+                          "run.out, or move those away, or resume them (checkpoint.resume=true)")
     rank, world, device = dist.init_distributed()
     torch.manual_seed(cfg.run.seed)
     dist.print0(f"# resolved config ({world} rank{'s' if world > 1 else ''}, {device})\n{to_toml(cfg)}")

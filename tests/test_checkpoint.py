@@ -87,6 +87,18 @@ def test_keep_last_and_partial_writes_never_count(tmp_path, monkeypatch):
     assert load_checkpoint(latest_checkpoint(tmp_path), model=model, optimizer=opt, scheduler=sched) == {"step": 4}
 
 
+def test_pruning_never_removes_the_checkpoint_just_written_nor_a_later_one(tmp_path):
+    """Beside later steps' checkpoints (another run's), a new checkpoint is kept, and so are they: only earlier
+    steps' are pruned."""
+    model, opt, sched = _setup(0)
+    for step in (50, 100):
+        save_checkpoint(tmp_path, step, model=model, optimizer=opt, scheduler=sched, state={"step": step}, keep_last=2)
+    save_checkpoint(tmp_path, 10, model=model, optimizer=opt, scheduler=sched, state={"step": 10}, keep_last=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000010", "step_00000050", "step_00000100"]
+    save_checkpoint(tmp_path, 60, model=model, optimizer=opt, scheduler=sched, state={"step": 60}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000050", "step_00000060", "step_00000100"]
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_export_hf_loads_in_transformers_and_psyche(tmp_path, tied):
     import transformers

@@ -217,6 +217,34 @@ def test_non_finite_loss_stops_without_touching_the_last_checkpoint(tmp_path, mo
     assert not (tmp_path / "hf").exists()
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _sft(out, *sets, on_step=None):
+    cfg = load_run_config(TINY, ["checkpoint.every=2", "checkpoint.export=false", "log.progress=false",
+                                 f"run.out={json.dumps(str(out))}", *sets])
+    cfg.data.paths = [str(DATA)]
+    with contextlib.chdir(ROOT):
+        return run_sft(cfg, on_step=on_step)
+
+
+def test_a_fresh_run_refuses_a_run_directory_that_holds_checkpoints(tmp_path):
+    """checkpoint.resume=false over an earlier run's checkpoints would mix with them and prune them: one line, before
+    anything is read or written."""
+    from psyche.config import ConfigError
+
+    _sft(tmp_path, "sft.max_steps=2")
+    before = _tree(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        _sft(tmp_path, "sft.max_steps=2", "checkpoint.resume=false")
+    assert str(e.value).startswith(f"checkpoint.resume=false, but {tmp_path}/checkpoints holds checkpoints of an "
+                                   "earlier run (the latest step_00000002): ")
+    assert _tree(tmp_path) == before
+    _sft(tmp_path / "fresh", "sft.max_steps=2", "checkpoint.resume=false")  # a new directory: fine
+    assert [p.name for p in list_checkpoints(tmp_path / "fresh")] == ["step_00000002"]
+
+
 def test_bad_inputs_fail_cleanly_from_the_cli(tmp_path):
     from click.testing import CliRunner
 

@@ -171,6 +171,38 @@ def build_scheduler(optimizer, optim_cfg, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, sched), warmup
 
 
+# what loading a checkpoint puts back in place of the config's settings: label -> LRSchedule field, AdamW keys
+_SCHEDULE_FIELDS = {"total steps": "total", "warm-up steps": "warmup", "schedule": "kind", "min_lr_ratio": "min_ratio"}
+_OPTIM_FIELDS = ("betas", "eps", "weight_decay")
+
+
+def training_settings(optimizer, scheduler) -> dict:
+    """What a checkpoint's optimizer and scheduler state replace when loaded: each LR schedule's fields and base
+    LR, and each parameter group's AdamW settings (a copy)."""
+    return {"schedules": [dict(vars(f)) for f in scheduler.lr_lambdas], "base_lrs": list(scheduler.base_lrs),
+            "adamw": [{k: tuple(g[k]) if k == "betas" else g[k] for k in _OPTIM_FIELDS} for g in optimizer.param_groups]}
+
+
+def _lrs(settings: dict, steps: range) -> list[list[float]]:
+    """Each parameter group's LR at each of `steps` (0-based: index k is step k + 1's) under `settings`."""
+    return [[base * LRSchedule(**fields)(k) for k in steps]
+            for base, fields in zip(settings["base_lrs"], settings["schedules"])]
+
+
+def setting_changes(saved: dict, config: dict, start: int, total: int) -> list[str]:
+    """How the `config`'s settings (training_settings) differ from a checkpoint's (`saved`, as loaded), e.g.
+    ["total steps 6 -> 12"]. The LR schedule counts as changed only when some step still to train (start + 1
+    .. total) would get another LR: extending a constant schedule changes nothing."""
+    changes = []
+    if _lrs(saved, range(start, total)) != _lrs(config, range(start, total)):
+        was, now = saved["schedules"][0], config["schedules"][0]
+        changes.append(("lr", saved["base_lrs"][0], config["base_lrs"][0]))
+        changes += [(label, was[f], now[f]) for label, f in _SCHEDULE_FIELDS.items()]
+    for was, now in zip(saved["adamw"], config["adamw"]):
+        changes += [(k, was[k], now[k]) for k in _OPTIM_FIELDS]
+    return list(dict.fromkeys(f"{label} {a} -> {b}" for label, a, b in changes if a != b))  # once each
+
+
 # ---- the stage around its loop ----
 
 def begin(cfg, check) -> tuple[int, int, torch.device]:
@@ -233,13 +265,29 @@ class Run:
 
     def resume(self, extra_models: dict | None = None) -> dict | None:
         """Load the latest checkpoint of the run directory (when `checkpoint.resume`) into the model, the
-        optimizer, the scheduler and `extra_models` (e.g. GRPO's reference); -> its saved state, or None."""
+        optimizer, the scheduler and `extra_models` (e.g. GRPO's reference); -> its saved state, or None.
+
+        Resuming is exact: loading puts the checkpoint's LR schedule and AdamW settings in place of the config's,
+        so a config whose schedule (lr, total steps, warm-up, schedule, floor) would give a step still to train
+        another LR, or whose betas, eps or weight decay differ, is a ConfigError naming the changes (raised once
+        the checkpoint is read; nothing is written before). A change that moves no LR (a constant schedule
+        extended) is taken, and the config's schedule is the one carried on."""
         self.extra_models = extra_models
         ckpt = latest_checkpoint(self.dir) if self.cfg.checkpoint.resume else None
         if ckpt is None:
             return None
+        config = training_settings(self.optimizer, self.scheduler)
         state = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                 extra_models=extra_models)
+        changes = setting_changes(training_settings(self.optimizer, self.scheduler), config, state["step"], self.total)
+        if changes:
+            raise ConfigError(f"cannot resume {ckpt} exactly: the config changes what it was trained with "
+                              f"({', '.join(changes)}), and resuming would put the checkpoint's values back; set "
+                              "them back to resume, or start the new settings in another run.out (model.init = this run's hf/ "
+                              "export goes on from its weights)")
+        for f, fields in zip(self.scheduler.lr_lambdas, config["schedules"]):  # the config's (same LRs ahead)
+            vars(f).update(fields)
+        self.scheduler.base_lrs = config["base_lrs"]
         self.start, self.resumed = state["step"], ckpt
         self.t_start = time.time() - state.get("elapsed", 0.0)
         return state

@@ -103,16 +103,16 @@ def test_sigkill_during_grpo_checkpoint_write_then_resume_matches_an_uninterrupt
 
 def test_full_disk_during_checkpoint_write_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    _ok(_run(_sft(out, "sft.max_steps=2", "checkpoint.every=2", "checkpoint.keep_last=1")))
+    sets = ("checkpoint.every=2", "checkpoint.keep_last=1", 'optim.schedule="constant"', "optim.warmup_steps=1")
+    _ok(_run(_sft(out, "sft.max_steps=2", *sets)))  # a constant LR: the run may be extended from step 2
     before = {d: _tree(out / d) for d in ("checkpoints", "hf", "init")}
-    r = _run(_sft(out, "sft.max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=1"),
-             env={"PSYCHE_FAULT": "ckpt_write@4:enospc"})
+    r = _run(_sft(out, "sft.max_steps=4", *sets), env={"PSYCHE_FAULT": "ckpt_write@4:enospc"})
     line = _one_line_error(r)
     assert f"{out}/checkpoints/step_00000004: writing the checkpoint failed (No space left on device)" in line
     assert f"the last good checkpoint is {out}/checkpoints/step_00000002" in line
     # keep_last=1 deleted nothing, no partial directory is left, the previous export is whole
     assert {d: _tree(out / d) for d in before} == before
-    log = _ok(_run(_sft(out, "sft.max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=1"))).stdout
+    log = _ok(_run(_sft(out, "sft.max_steps=4", *sets))).stdout
     assert "resumed from" in log and "at step 2" in log
     assert [c.name for c in list_checkpoints(out)] == ["step_00000004"]
 

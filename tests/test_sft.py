@@ -229,6 +229,43 @@ def _sft(out, *sets, on_step=None):
         return run_sft(cfg, on_step=on_step)
 
 
+def test_resume_refuses_settings_that_would_silently_revert_to_the_checkpoints(tmp_path):
+    """Loading a checkpoint puts its LR schedule and AdamW settings back: a config that changes them (a longer
+    cosine run, another lr or weight decay) is one ConfigError naming the change, and nothing is written."""
+    from psyche.config import ConfigError
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_2(step, model):
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):  # 2 of 4 steps done and checkpointed
+        _sft(tmp_path, "sft.max_steps=4", on_step=stop_after_2)
+    before = _tree(tmp_path)
+    for change, msg in (("sft.max_steps=6", "(total steps 4 -> 6)"), ("optim.lr=0.006", "(lr 0.003 -> 0.006)"),
+                        ("optim.warmup_steps=2", "(warm-up steps 1 -> 2)"),
+                        ("optim.weight_decay=0.1", "(weight_decay 0.0 -> 0.1)")):
+        with pytest.raises(ConfigError) as e:
+            _sft(tmp_path, "sft.max_steps=4", change)
+        assert str(e.value).startswith(f"cannot resume {tmp_path}/checkpoints/step_00000002 exactly: the config "
+                                       f"changes what it was trained with {msg}, and resuming"), str(e.value)
+        assert _tree(tmp_path) == before
+    _sft(tmp_path, "sft.max_steps=4")  # unchanged: resumes
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_resume_extends_a_constant_schedule_with_the_configs_total(tmp_path):
+    """A change that gives no step still to train another LR is taken, and the config's schedule carried on."""
+    const = ['optim.schedule="constant"', "optim.warmup_steps=1"]
+    _sft(tmp_path, "sft.max_steps=2", *const)
+    _sft(tmp_path, "sft.max_steps=4", *const)
+    assert [r["lr"] for r in read_metrics(tmp_path)] == [3e-3] * 4
+    trainer = torch.load(latest_checkpoint(tmp_path) / "trainer_state.pt", weights_only=True)
+    assert trainer["scheduler"]["lr_lambdas"][0]["total"] == 4
+
+
 def test_a_fresh_run_refuses_a_run_directory_that_holds_checkpoints(tmp_path):
     """checkpoint.resume=false over an earlier run's checkpoints would mix with them and prune them: one line, before
     anything is read or written."""

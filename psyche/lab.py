@@ -271,14 +271,6 @@ CURVES = (("accuracy", "accuracy (training prompts)"), ("reward_mean", "reward")
           ("kl", "KL to the reference (k3)"), ("clip_frac_low", "clip fraction, low (A < 0)"),
           ("clip_frac_high", "clip fraction, high (A > 0)"), ("zero_std_frac", "zero-variance groups"))
 SAMPLED = {"accuracy": "accuracy_sampled", "zero_std_frac": "zero_std_frac_sampled"}  # over every group sampled
-
-
-def curve_key(key: str, rows: list[dict], dynamic: bool) -> str:
-    """The metric a curve or end point reads: with dynamic sampling, accuracy and zero variance over every group
-    of the first draw (logged before the filter keeps only mixed groups); without it the trained batch is every
-    group sampled, and its own metrics are the ones (runs that predate the _sampled metrics have only those)."""
-    k = SAMPLED.get(key)
-    return k if dynamic and k and any(k in r for r in rows) else key
 SMOOTH = 5
 LAST = 5  # steps an end point averages over
 
@@ -298,8 +290,10 @@ def cell_points(out: Path, cell: dict) -> dict:
 
     samples = sum(r.get("prompts_drawn", 0) for r in rows) * group_size(out, cell)
     gain = cell["heldout_accuracy"] - cell["sft_heldout"]
-    dynamic = run_config(out, cell).grpo.dynamic_sampling
-    acc, zero = curve_key("accuracy", rows, dynamic), curve_key("zero_std_frac", rows, dynamic)
+    # accuracy and zero variance over every group sampled (first round), as dynamic sampling logs them before it
+    # keeps only the mixed groups; runs that predate accuracy_sampled fall back to the batch trained on
+    acc = "accuracy_sampled" if any("accuracy_sampled" in r for r in rows) else "accuracy"
+    zero = "zero_std_frac_sampled" if any("zero_std_frac_sampled" in r for r in rows) else "zero_std_frac"
     return {"heldout_accuracy": cell["heldout_accuracy"], "heldout_gain": gain,
             "train_accuracy_end": mean(acc, last), "entropy_start": mean("entropy", rows[:1]),
             "entropy_end": mean("entropy", last), "length_correct_end": mean("length_correct_mean", last),
@@ -506,10 +500,10 @@ def plot_curves(out: Path, labels, seeds, cells, path: Path):
     fig, axes = plt.subplots(3, 3, figsize=(15, 11))
     for (key, title), ax in zip(CURVES, axes.flat):
         for lab in labels:
-            runs, dynamic = [], run_config(out, cells[(lab, seeds[0])]).grpo.dynamic_sampling
+            runs = []
             for s in seeds:
                 rows = read_metrics(cell_dir(out, cells[(lab, s)]))
-                k = curve_key(key, rows, dynamic)
+                k = SAMPLED.get(key, key) if rows and SAMPLED.get(key) in rows[0] else key
                 ys = [r.get(k, float("nan")) for r in rows]
                 runs.append(_smooth(ys, SMOOTH) if key in ("accuracy", "reward_mean") else ys)
             n = min(map(len, runs))
@@ -544,7 +538,7 @@ def plot_per_sample(out: Path, labels, seeds, cells, path: Path):
             for r in rows:
                 total += r.get("prompts_drawn", 0) * G
                 xs.append(total)
-            k = curve_key("accuracy", rows, run_config(out, cell).grpo.dynamic_sampling)
+            k = "accuracy_sampled" if rows and "accuracy_sampled" in rows[0] else "accuracy"
             ax.plot(xs, _smooth([r.get(k, float("nan")) for r in rows], SMOOTH), color=f"C{i}",
                     alpha=0.7, label=lab if s == seeds[0] else None)
     ax.set_xlabel("samples generated")

@@ -71,6 +71,7 @@ def build_model_for_training(init_dir: Path, device: torch.device, *, compute_dt
     kw = dict(activation_checkpointing=activation_checkpointing, compile=compile, param_dtype=compute_dtype,
               reduce_dtype=torch.float32)
     use_lora = lora is not None and lora.rank > 0
+    adapters = lora.init if use_lora and lora.init else None  # the adapters' own source, named when one is broken
 
     def adapt(model):  # on the meta device: shapes only (the values come from rank 0)
         if use_lora:
@@ -82,8 +83,8 @@ def build_model_for_training(init_dir: Path, device: torch.device, *, compute_dt
         from psyche.weights import load_pretrained
 
         model, _ = load_pretrained(init_dir, dtype=torch.float32, device=device)
-        check_finite_weights(model, init_dir)
         adapt(model)
+        check_finite_weights(model, init_dir, adapters)
         return dist.parallelize(model.train(), **kw)
     from psyche.hf_checkpoint import check_checkpoint
     from psyche.model import Qwen2
@@ -102,7 +103,7 @@ def build_model_for_training(init_dir: Path, device: torch.device, *, compute_dt
         if use_lora:
             sd.update(_adapter_values(model, lora, seed))
     load_full_model_state(model, sd)
-    check_finite_weights(model, init_dir)
+    check_finite_weights(model, init_dir, adapters)
     return model.train()
 
 
@@ -117,18 +118,22 @@ def _adapter_values(model: nn.Module, lora, seed: int) -> dict:
     return init_state(model, seed)
 
 
-def check_finite_weights(model: nn.Module, source: Path):
+def check_finite_weights(model: nn.Module, source: Path, adapters: str | None = None):
     """A model with a NaN or inf weight (a diverged run's checkpoint) cannot be trained from: a CheckpointError
-    naming the tensor, before anything is written. Each rank looks at its own shards."""
+    naming the tensor and where it came from (`adapters`, lora.init, for a LoRA adapter's tensor, else
+    `source`), before anything is written. Each rank looks at its own shards; every rank names the same tensor."""
     from psyche.hf_checkpoint import CheckpointError
 
     bad = [n for n, p in model.named_parameters()
            if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())]
-    n_bad = dist.sum_over_ranks(len(bad))
-    if n_bad:
-        where = f"tensor {bad[0]!r}" if bad else "a tensor (on another rank)"
-        raise CheckpointError(f"{source}: {where} holds NaN or inf: the checkpoint is broken (a run that "
-                              "diverged?); nothing was written")
+    if not dist.sum_over_ranks(len(bad)):
+        return
+    name = next(n for names in dist.all_gather_object(bad[:1]) for n in names)
+    if adapters and name.endswith((".lora_A.weight", ".lora_B.weight")):
+        raise CheckpointError(f"lora.init = {adapters}: adapter tensor {name!r} holds NaN or inf: the adapter is "
+                              "broken (a run that diverged?); nothing was written")
+    raise CheckpointError(f"{source}: tensor {name!r} holds NaN or inf: the checkpoint is broken (a run that "
+                          "diverged?); nothing was written")
 
 
 def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.AdamW:

@@ -295,3 +295,30 @@ def test_an_adapter_to_start_from_is_checked_on_one_rank_and_on_several(tmp_path
     with pytest.raises(LoRAError, match=r"adapter_model.safetensors: missing adapter tensor\(s\) "
                                         r"\['model.layers.0.self_attn.v_proj.lora_A.weight'"):
         _adapter_values(fresh, lo, seed=0)
+
+
+def test_a_non_finite_adapter_to_start_from_is_refused_naming_lora_init(tmp_path, tiny_ckpt):
+    """On one rank as on several, lora.init's tensors are checked for NaN and inf once the adapters are in the
+    model, and the error names lora.init (not the base checkpoint) and the tensor."""
+    from psyche.config import LoraSection
+    from psyche.run import build_model_for_training
+    from psyche.weights import CheckpointError, load_pretrained
+
+    m, _ = load_pretrained(tiny_ckpt)
+    add_lora(m, 2, 4.0, ["q_proj"])
+    with torch.no_grad():
+        m.model.layers[1].self_attn.q_proj.lora_B.weight[0, 0] = float("inf")
+    save_adapter(tmp_path / "a", m.state_dict(), adapter_config(2, 4.0, ["q_proj"], 0.0, False))
+    lora = LoraSection(rank=2, alpha=4.0, targets=["q_proj"], init=str(tmp_path / "a"))
+    with pytest.raises(CheckpointError) as e:
+        build_model_for_training(tiny_ckpt, torch.device("cpu"), lora=lora)
+    assert str(e.value) == (f"lora.init = {tmp_path / 'a'}: adapter tensor 'model.layers.1.self_attn.q_proj.lora_B."
+                            "weight' holds NaN or inf: the adapter is broken (a run that diverged?); nothing was written")
+    # the check that both paths share: a base tensor's NaN names the base checkpoint, even with lora.init set
+    from psyche.run import check_finite_weights
+
+    with torch.no_grad():
+        m.model.layers[1].self_attn.q_proj.lora_B.weight.zero_()
+        m.model.norm.weight[0] = float("nan")
+    with pytest.raises(CheckpointError, match=rf"^{tiny_ckpt}: tensor 'model.norm.weight' holds NaN or inf"):
+        check_finite_weights(m, tiny_ckpt, str(tmp_path / "a"))

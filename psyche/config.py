@@ -133,7 +133,8 @@ class SFTSection:
 class CheckpointSection:
     every: int = 500  # optimizer steps between checkpoints (the last step is always saved); 0: only the last
     keep_last: int = 2  # older checkpoints are deleted
-    resume: bool = True  # continue from the latest checkpoint in the run directory when there is one
+    resume: bool = True  # continue from the latest checkpoint in the run directory when there is one (its
+    #                      LR schedule and AdamW settings must be the config's); false over checkpoints: an error
     export: bool = True  # write an HF-format model to RUN_DIR/hf at the end
 
 

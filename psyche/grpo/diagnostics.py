@@ -44,6 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from psyche import dist
+from psyche.metrics import jsonl_lines
 from psyche.grpo.kl import KL_KINDS, kl_estimate
 from psyche.grpo.loss import AGGS, POLICY_LOSSES, objective
 
@@ -268,7 +269,7 @@ def read_pass_rates(run_dir) -> list[dict]:
     if not path.is_file():
         return []
     rows = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in jsonl_lines(path.read_text(encoding="utf-8")):  # (item ids may hold U+2028: not splitlines)
         try:
             r = json.loads(line)
         except json.JSONDecodeError:

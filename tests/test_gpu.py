@@ -579,12 +579,6 @@ def test_compiled_decode_replays_cuda_graphs_and_equals_eager(pair, monkeypatch)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths) and seen_a == seen_b
     assert float((a.logprobs - b.logprobs).abs().max()) <= 1e-5
     assert torch.equal(c.tokens, a.tokens)
-    other = copy.deepcopy(m)  # the same shapes, other weights at other addresses: its own capture, its own tokens
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    (d, _), (e, _) = run("graph", other), run("eager", other)
-    assert torch.equal(d.tokens, e.tokens) and not torch.equal(d.tokens, a.tokens)
 
 
 # ---------------------------------------------------------------------------------------------- f. SFT and GRPO steps

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import psyche.lab_report as lab_report
 from psyche.lab import (CONFUSIONS, STYLES, BenchSize, LabTeacher, can_fail, confusable, misread, parse_knob,
-                        parse_seeds, sign_test_p, verdict, write_rationale)
+                        parse_seeds, write_rationale)
+from psyche.lab_report import sign_test_p, verdict
 from psyche.task import explain, make_splits
 
 
@@ -90,11 +92,11 @@ def test_a_reduced_ablation_writes_a_well_formed_report_and_resumes(tmp_path, mo
     rep = lab.run_ablation("grpo.group_size=4,2", [0, 1], tmp_path, extra=extra, size=size, log=lambda m: None)
     d = tmp_path / "group_size"
     md = (d / "report.md").read_text()
-    assert rep["labels"] == ["4", "2"] and set(rep["table"]["2"]) == set(lab.POINTS)
-    for k in lab.POINTS:
+    assert rep["labels"] == ["4", "2"] and set(rep["table"]["2"]) == set(lab_report.POINTS)
+    for k in lab_report.POINTS:
         assert f"| {k} |" in md
         assert len(rep["paired_vs_first"]["2"][k]) == 2
-    assert len(rep["verdicts"]["2"]) == len(lab.POINTS) and "Verdicts:" in md
+    assert len(rep["verdicts"]["2"]) == len(lab_report.POINTS) and "Verdicts:" in md
     for png in ("curves.png", "accuracy_per_sample.png"):
         assert (d / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     zv = {r["group_size"]: r for r in rep["zero_variance_step1"]}  # p^G + (1-p)^G from the G = 4 pass counts
@@ -120,7 +122,6 @@ def test_end_points_read_every_sampled_group_and_never_divide_by_zero_samples(tm
     """cell_points on a hand-made run: training accuracy and zero variance from what was sampled (as dynamic
     sampling logs them before keeping only mixed groups), the means over the last steps, the incorrect
     length's change over the first and last steps, NaN (JSON null) for a per-sample gain without samples."""
-    import psyche.lab as lab
     from psyche.config import RunConfig, to_toml
 
     d = tmp_path / "cells" / "default" / "s0" / "grpo"
@@ -133,16 +134,16 @@ def test_end_points_read_every_sampled_group_and_never_divide_by_zero_samples(tm
              "prompts_drawn": 3} for i in range(10)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cell = {"sets": [], "seed": 0, "heldout_accuracy": 0.5, "sft_heldout": 0.25, "wall_s": 1.0}
-    p = lab.cell_points(tmp_path, cell)
+    p = lab_report.cell_points(tmp_path, cell)
     assert p["train_accuracy_end"] == pytest.approx(0.7)  # mean of 0.5 .. 0.9 (accuracy_sampled)
     assert p["zero_std_frac_step1"] == 0.5 and p["entropy_start"] == 1.0
     assert p["length_incorrect_change"] == pytest.approx(5.0)  # mean(15..19) - mean(10..14)
     assert p["generated_samples"] == 120 and p["heldout_per_1k_samples"] == pytest.approx(1000 * 0.25 / 120)
     (d / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "prompts_drawn"}) + "\n"
                                              for r in rows))
-    p = lab.cell_points(tmp_path, cell)
+    p = lab_report.cell_points(tmp_path, cell)
     assert math.isnan(p["heldout_per_1k_samples"])
-    assert lab._nan_to_null({"a": [p["heldout_per_1k_samples"], 1.0]}) == {"a": [None, 1.0]}
+    assert lab_report._nan_to_null({"a": [p["heldout_per_1k_samples"], 1.0]}) == {"a": [None, 1.0]}
 
 
 def test_the_uniform_groups_test_is_the_exact_distribution_of_random_subsets():
@@ -150,7 +151,7 @@ def test_the_uniform_groups_test_is_the_exact_distribution_of_random_subsets():
     uniform ones over prompts; the test's expectation and two-sided p are that distribution's."""
     import itertools
 
-    from psyche.lab import uniform_groups_test
+    from psyche.lab_report import uniform_groups_test
 
     n, G = 4, 2
     pairs = [(1, 0), (3, 1), (4, 2)]  # per prompt: right of n, right of G

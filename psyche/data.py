@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from psyche.metrics import jsonl_lines
+from psyche.jsonl import jsonl_lines
 
 IGNORE = -100  # label of positions that carry no loss
 ROLES = ("system", "user", "assistant")

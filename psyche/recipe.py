@@ -37,7 +37,7 @@ import click
 
 from psyche.config import ConfigError, RunConfig
 from psyche.evaluate import credit, exact, extract_answer
-from psyche.metrics import jsonl_lines
+from psyche.jsonl import jsonl_lines
 from psyche.pceb import Item
 from psyche.task import (TYPES, Teacher, balance, course_read, group_by_type, is_challenge, item_to_sft_messages,
                          item_type_of, make_splits, slip_applies, task_prompt)

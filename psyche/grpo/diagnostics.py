@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from psyche import dist
-from psyche.metrics import jsonl_lines
+from psyche.jsonl import jsonl_lines
 from psyche.grpo.kl import KL_KINDS, kl_estimate
 from psyche.grpo.loss import AGGS, POLICY_LOSSES, objective
 

@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from psyche.metrics import jsonl_lines
+from psyche.jsonl import jsonl_lines
 
 DONE = ("kept", "dropped")
 
